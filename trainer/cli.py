@@ -1,0 +1,139 @@
+"""Command line: `python -m trainer preview | train | perplexity` (DESIGN.md keeps these stable)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from .errors import DashboardError
+from .params import FIELDS, TrainingParameters
+
+# Options of `preview`: the data options of the training parameters (and the model, for its tokenizer).
+PREVIEW_FIELDS = [
+    "dataset", "format", "raw_text_file", "cutoff_len", "overlap_len", "newline_favor_len", "hard_cut_string",
+    "min_chars", "train_only_after", "add_eos_token", "add_bos_token", "overlong_samples", "skip_unmatched_rows",
+]
+
+
+def _add_field_option(parser: argparse.ArgumentParser, name: str, flag: str | None = None) -> None:
+    field = FIELDS[name]
+    meta = field.metadata
+    help_text = meta["help"].replace("%", "%%")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    extra = []
+    if meta.get("choices"):
+        extra.append("one of " + ", ".join(meta["choices"]))
+    if meta.get("min") is not None:
+        extra.append(f"range {meta['min']:g}..{meta['max']:g}")
+    help_text += f" ({'; '.join(extra + [f'default {default!r}'])})".replace("%", "%%")
+    flag = flag or "--" + name.replace("_", "-")
+    if field.type == "bool":
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        # Values are read by the same coercion as training_parameters.json, so errors read alike.
+        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
+
+
+def _params_from_args(args: argparse.Namespace) -> TrainingParameters:
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    return TrainingParameters.from_dict(given)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .data import build_samples
+    from .models import load_tokenizer
+
+    params = _params_from_args(args)
+    problems = [p for p in params.problems(require_name=False) if p.field in PREVIEW_FIELDS + ["base_model"]]
+    if problems:
+        raise DashboardError(" ".join(p.message for p in problems))
+    tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=lambda m: print(m, file=sys.stderr))
+    preview = build_samples(params, tokenizer)
+    if args.json:
+        json.dump(preview.to_json(), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    stats = preview.stats
+    print("Statistics:")
+    for key, value in stats.items():
+        print(f"  {key}: {value}")
+    if preview.problems:
+        print(f"Problems ({len(preview.problems)}):")
+        for problem in preview.problems:
+            print(f"  {problem.where}: {problem.reason}")
+    for sample in preview.samples[: args.show]:
+        print(f"--- {sample.source}: {sample.n_tokens} tokens, {sample.n_trained} trained, overlap {sample.overlap}")
+        print(sample.text)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import train
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "training_parameters.json").is_file():
+        raise DashboardError(f"{run_dir} has no training_parameters.json.")
+    return train(run_dir, args.resume)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .perplexity import perplexity_of_file
+
+    result = perplexity_of_file(args.model, args.lora, args.text_file, args.stride, args.max_length,
+                                precision=args.precision)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    preview = commands.add_parser("preview", help="print the exact samples the trainer would train on",
+                                  description="Print the samples (text, token ids, label mask, token counts) "
+                                              "and statistics for these data options.")
+    _add_field_option(preview, "base_model", "--model")
+    for name in PREVIEW_FIELDS:
+        _add_field_option(preview, name)
+    _add_field_option(preview, "trust_remote_code")
+    preview.add_argument("--json", action="store_true", help="print JSON: stats, problems and every sample")
+    preview.add_argument("--show", type=int, default=5, help="samples to print without --json (default 5)")
+    preview.set_defaults(handler=cmd_preview)
+
+    train = commands.add_parser("train", help="train from DIR/training_parameters.json",
+                                description="Train a LoRA from DIR/training_parameters.json, writing status.json, "
+                                            "metrics.jsonl, checkpoints and the adapter into DIR.")
+    train.add_argument("--run-dir", required=True, help="the run folder, e.g. loras/NAME")
+    train.add_argument("--resume", nargs="?", const="latest", default=None,
+                       help="resume from the newest checkpoint, or the one named (checkpoint-STEP)")
+    train.set_defaults(handler=cmd_train)
+
+    ppl = commands.add_parser("perplexity", help="sliding-window perplexity of a model (and adapter) on a text",
+                              description="Perplexity by the sliding-window method: each token is scored once, "
+                                          "with up to max-length tokens of context.")
+    ppl.add_argument("--model", required=True, help="base model name or folder")
+    ppl.add_argument("--lora", default=None, help="adapter folder (a run folder or one of its checkpoints)")
+    ppl.add_argument("--text-file", required=True, help="a UTF-8 .txt file")
+    ppl.add_argument("--stride", type=int, default=512, help="tokens the window moves each time (default 512)")
+    ppl.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
+    ppl.add_argument("--precision", choices=["full", "8bit", "4bit"], default="full", help="base model precision")
+    ppl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ppl.set_defaults(handler=cmd_perplexity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except DashboardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2

@@ -1,0 +1,112 @@
+"""The home folder (models/, datasets/, loras/, formats/) and safe resolution of user-given names in it.
+
+The home defaults to the checkout; `LORA_DASHBOARD_HOME` points it elsewhere, for example at a
+text-generation-webui `user_data` folder. Formats fall back to the ones shipped in the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import DashboardError
+
+HOME_ENV = "LORA_DASHBOARD_HOME"
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+# Names Windows reserves: refused everywhere so a folder copied between systems keeps working.
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\- ]{0,99}$")
+
+
+def home_dir() -> Path:
+    return Path(os.environ.get(HOME_ENV) or CODE_ROOT).expanduser().resolve()
+
+
+def models_dir() -> Path:
+    return home_dir() / "models"
+
+
+def datasets_dir() -> Path:
+    return home_dir() / "datasets"
+
+
+def loras_dir() -> Path:
+    return home_dir() / "loras"
+
+
+def formats_dirs() -> list[Path]:
+    """Where format files are looked up: the home's formats/ first, then the shipped ones."""
+    dirs = [home_dir() / "formats", CODE_ROOT / "formats"]
+    return list(dict.fromkeys(dirs))
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """A single safe file or folder name: no separators, no `..`, not hidden, not reserved."""
+    if not isinstance(name, str) or not name.strip():
+        raise DashboardError(f"The {what} is empty.")
+    name = name.strip()
+    if "\x00" in name:
+        raise DashboardError(f"The {what} contains a NUL byte.")
+    if "/" in name or "\\" in name:
+        raise DashboardError(f"The {what} {name!r} contains a path separator; use a plain name.")
+    if name in (".", "..") or name.startswith("."):
+        raise DashboardError(f"The {what} {name!r} starts with a dot; hidden names are not allowed.")
+    if name.split(".")[0].upper() in _RESERVED:
+        raise DashboardError(f"The {what} {name!r} is a reserved device name; choose another.")
+    if not _NAME_RE.match(name):
+        raise DashboardError(
+            f"The {what} {name!r} may only use letters, digits, spaces, '.', '_' and '-' (at most 100)."
+        )
+    return name
+
+
+def resolve_inside(base: Path, relative: str, what: str = "path") -> Path:
+    """Resolve a browser-given relative path inside `base`, refusing anything that leaves it.
+
+    Symbolic links are followed before the check, so a link pointing out of the folder is refused.
+    """
+    if not isinstance(relative, str) or not relative.strip():
+        raise DashboardError(f"The {what} is empty.")
+    if "\x00" in relative:
+        raise DashboardError(f"The {what} contains a NUL byte.")
+    rel = Path(relative)
+    if rel.is_absolute():
+        raise DashboardError(f"The {what} {relative!r} is absolute; give a path inside {base}.")
+    for part in rel.parts:
+        check_name(part, what)
+    base = base.resolve()
+    target = (base / rel).resolve()
+    if target != base and base not in target.parents:
+        raise DashboardError(f"The {what} {relative!r} points outside {base}.")
+    return target
+
+
+def resolve_user_path(value: str, kind: str) -> Path:
+    """Resolve a path from the command line or training_parameters.json (trusted caller).
+
+    Absolute paths are taken as they are; relative ones are relative to the home folder; a bare
+    webui-style name (`alpaca-data`) is looked up in `datasets/` or `formats/` with its ending.
+    `kind` is "dataset", "format" or "model".
+    """
+    if "\x00" in value:
+        raise DashboardError(f"The {kind} path contains a NUL byte.")
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    candidate = home_dir() / path
+    if candidate.exists():
+        return candidate
+    if kind == "dataset":
+        folders, endings = [datasets_dir()], ("", ".json", ".jsonl", ".txt")
+    elif kind == "format":
+        folders, endings = formats_dirs(), ("", ".json")
+    else:
+        folders, endings = [models_dir()], ("", ".gguf")
+    for folder in folders:
+        for ending in endings:
+            found = folder / (value + ending)
+            if found.exists():
+                return found
+    return candidate

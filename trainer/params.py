@@ -1,0 +1,294 @@
+"""One typed definition of every training parameter: defaults, ranges, help, groups and validation.
+
+The Train page builds its form from `FIELDS`, the command line builds its options from it, and the
+trainer reads `training_parameters.json` through `TrainingParameters.from_dict`. Keys are named as
+text-generation-webui names them where it has them, so a webui run folder's parameters load too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DashboardError
+from .home import check_name
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+SCHEDULERS = [
+    "linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "polynomial",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+]
+OPTIMIZERS = ["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"]
+TARGET_MODULE_CHOICES = {
+    "q-v": ["q_proj", "v_proj"],
+    "q-k-v-o": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all-linear": "all-linear",
+    "custom": None,
+}
+PRECISIONS = ["full", "8bit", "4bit"]
+OVERLONG_CHOICES = ["truncate", "drop"]
+
+GROUPS = ["basic", "data", "lora", "optimisation", "advanced"]
+
+
+def _p(default, help, group, lo=None, hi=None, choices=None, lo_open=False):
+    """A field with its metadata: help text, form group, inclusive range (or open lower bound), choices."""
+    meta = {"help": help, "group": group, "min": lo, "max": hi, "choices": choices, "min_open": lo_open}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainingParameters:
+    # basic
+    lora_name: str = _p("", "Name of the LoRA: its folder under loras/.", "basic")
+    base_model: str = _p(DEFAULT_MODEL, "Model folder or GGUF file under models/ (or the embedded default).", "basic")
+    epochs: float = _p(3.0, "Passes over the data. Ignored when max steps is set.", "basic", 0.0, 1000.0, lo_open=True)
+    max_steps: int = _p(0, "Stop after this many optimiser steps (0: use epochs).", "basic", 0, 10_000_000)
+    learning_rate: float = _p(3e-4, "Peak learning rate. 3e-4 is a good start for LoRA.", "basic", 0.0, 1.0, lo_open=True)
+    # data
+    dataset: str = _p("", "A .json/.jsonl dataset in datasets/ (formatted data). Leave empty for raw text.", "data")
+    format: str = _p("", "Format file in formats/ that renders each JSON row into a prompt.", "data")
+    raw_text_file: str = _p("", "A .txt file or folder of them in datasets/ (raw text).", "data")
+    eval_dataset: str = _p("", "Optional held-out dataset, evaluated every eval steps.", "data")
+    eval_steps: int = _p(100, "Evaluate every this many steps (when an eval dataset is set).", "data", 1, 10_000_000)
+    cutoff_len: int = _p(256, "Maximum tokens in one sample. Longer text is cut into chunks.", "data", 8, 32768)
+    overlap_len: int = _p(128, "Raw text: tokens shared by consecutive chunks. Must be below cutoff.", "data", 0, 32768)
+    newline_favor_len: int = _p(
+        128, "Raw text: move a cut to a newline lying within this many characters.", "data", 0, 100_000)
+    hard_cut_string: str = _p(
+        "\\n\\n\\n", "Raw text: no chunk crosses this string (escapes such as \\n allowed).", "data")
+    min_chars: int = _p(0, "Raw text: drop blocks whose stripped length is at most this many characters.", "data",
+                        0, 10_000_000)
+    train_only_after: str = _p(
+        "", "Formatted data: only tokens after this string (e.g. 'Assistant:') count in the loss.", "data")
+    add_eos_token: bool = _p(True, "Append the end-of-sequence token to each sample / raw-text block.", "data")
+    add_bos_token: bool = _p(False, "Prepend the beginning-of-sequence token to each sample / chunk.", "data")
+    overlong_samples: str = _p(
+        "truncate", "Formatted samples over the cutoff: truncate them or drop them.", "data", choices=OVERLONG_CHOICES)
+    skip_unmatched_rows: bool = _p(
+        False, "Train even though some rows match no key of the format file (they are skipped).", "data")
+    # lora
+    lora_rank: int = _p(32, "LoRA rank: capacity of the adapter. Higher learns more, costs more.", "lora", 1, 1024)
+    lora_alpha: int = _p(64, "LoRA alpha: scale of the adapter. Usually twice the rank.", "lora", 1, 4096)
+    lora_dropout: float = _p(0.05, "Dropout on the LoRA layers.", "lora", 0.0, 0.9)
+    target_modules: str = _p(
+        "q-v", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
+        choices=list(TARGET_MODULE_CHOICES))
+    custom_target_modules: str = _p(
+        "", "Comma-separated module names, checked against the model (with target modules 'custom').", "lora")
+    # optimisation
+    micro_batch_size: int = _p(4, "Samples per forward pass; lower it if memory runs out.", "optimisation", 1, 4096)
+    batch_size: int = _p(
+        8, "Samples per optimiser step: a multiple of micro batch (accumulation = batch / micro).",
+        "optimisation", 1, 65536)
+    lr_scheduler_type: str = _p("linear", "Learning-rate schedule (transformers' schedulers).", "optimisation",
+                                choices=SCHEDULERS)
+    warmup_steps: int = _p(10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)
+    optimizer: str = _p("adamw_torch", "Optimiser. 8-bit and paged ones come from bitsandbytes.", "optimisation",
+                        choices=OPTIMIZERS)
+    weight_decay: float = _p(0.0, "Weight decay of the optimiser.", "optimisation", 0.0, 1.0)
+    max_grad_norm: float = _p(1.0, "Clip gradients to this norm (0: no clipping).", "optimisation", 0.0, 1e6)
+    save_steps: int = _p(0, "Save a checkpoint every this many steps (0: only the final adapter).", "optimisation",
+                         0, 10_000_000)
+    stop_at_loss: float = _p(0.0, "End the run once the loss falls below this (0: never).", "optimisation", 0.0, 100.0)
+    logging_steps: int = _p(1, "Write a metrics line every this many steps.", "optimisation", 1, 100_000)
+    # advanced
+    precision: str = _p("full", "Base model weights: full precision, or 8-bit / 4-bit through bitsandbytes.",
+                        "advanced", choices=PRECISIONS)
+    bnb_4bit_quant_type: str = _p("nf4", "4-bit data type.", "advanced", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = _p(True, "4-bit: quantise the quantisation constants too.", "advanced")
+    gradient_checkpointing: bool = _p(False, "Recompute activations in the backward pass: less memory, slower.",
+                                      "advanced")
+    group_by_length: bool = _p(True, "Batch samples of similar length together so little padding is computed.",
+                               "advanced")
+    seed: int = _p(0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0, 2**32 - 1)
+    trust_remote_code: bool = _p(False, "Run the model folder's own Python code. Only for models you trust.",
+                                 "advanced")
+
+    # ---- conversion -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingParameters":
+        """Build from a dict as stored in training_parameters.json (ours or the webui's).
+
+        Values are coerced (the webui stores numbers as strings such as "3e-4"); a value that cannot be
+        read raises DashboardError naming the field. Unknown keys are ignored.
+        """
+        if not isinstance(data, dict):
+            raise DashboardError("Training parameters must be a JSON object.")
+        data = dict(data)
+        _read_webui_targets(data)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data and data[f.name] is not None:
+                values[f.name] = _coerce(f, data[f.name])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "TrainingParameters":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DashboardError(f"No training parameters at {path}.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DashboardError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def write(self, path: Path) -> None:
+        from .runfiles import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict())
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return max(1, self.batch_size // self.micro_batch_size)
+
+    @property
+    def hard_cut(self) -> str:
+        """The hard cut string with its escapes (\\n, \\t) turned into the characters they name."""
+        return decode_escapes(self.hard_cut_string)
+
+    def lora_target_modules(self) -> list[str] | str:
+        choice = TARGET_MODULE_CHOICES.get(self.target_modules)
+        if choice is None:
+            return [m.strip() for m in self.custom_target_modules.split(",") if m.strip()]
+        return choice
+
+    @property
+    def is_raw_text(self) -> bool:
+        return bool(self.raw_text_file) and not self.dataset
+
+    # ---- validation ---------------------------------------------------------------------------
+    def problems(self, require_name: bool = True) -> list[DashboardError]:
+        """Every problem with these values, each naming its field. Empty list: valid."""
+        found: list[DashboardError] = []
+
+        def bad(name: str, message: str) -> None:
+            found.append(DashboardError(message, field=name))
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if meta.get("choices") and value not in meta["choices"]:
+                bad(f.name, f"{f.name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and not math.isfinite(value):
+                    bad(f.name, f"{f.name} must be a finite number; got {value!r}.")
+                    continue
+                lo, hi = meta.get("min"), meta.get("max")
+                if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)):
+                    bad(f.name, f"{f.name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {value:g}.")
+                elif hi is not None and value > hi:
+                    bad(f.name, f"{f.name} must be at most {hi:g}; got {value:g}.")
+        if require_name:
+            try:
+                check_name(self.lora_name, "LoRA name")
+            except DashboardError as exc:
+                bad("lora_name", exc.message)
+        if not self.base_model.strip():
+            bad("base_model", "Choose a base model.")
+        if self.overlap_len >= self.cutoff_len:
+            bad("overlap_len", f"Overlap length ({self.overlap_len}) must be below the cutoff length ({self.cutoff_len}).")
+        if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
+            bad("batch_size", f"Batch size ({self.batch_size}) must be a multiple of the micro batch size "
+                              f"({self.micro_batch_size}); gradient accumulation is batch / micro batch.")
+        if not self.dataset and not self.raw_text_file:
+            bad("dataset", "Choose a dataset (formatted JSON) or a raw text file.")
+        if self.dataset and self.raw_text_file:
+            bad("raw_text_file", "Choose either a formatted dataset or a raw text file, not both.")
+        if self.target_modules == "custom" and not self.lora_target_modules():
+            bad("custom_target_modules", "List at least one module name (e.g. q_proj, v_proj).")
+        return found
+
+    def validate(self, require_name: bool = True) -> "TrainingParameters":
+        """Raise one DashboardError listing every problem (the first one's field), or return self."""
+        found = self.problems(require_name)
+        if found:
+            raise DashboardError(" ".join(p.message for p in found), field=found[0].field)
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainingParameters)}
+
+
+def decode_escapes(text: str) -> str:
+    r"""Turn \n, \t, \r and \\ written in a text box into the characters they name (as the webui does)."""
+    out, i = [], 0
+    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in table:
+            out.append(table[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
+                return value.strip().lower() in ("true", "1", "yes", "on")
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float):
+                if not value.is_integer():
+                    raise ValueError
+                return int(value)
+            if isinstance(value, str):
+                number = float(value.strip())
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
+            if isinstance(value, int):
+                return value
+            raise ValueError
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value.strip())
+            raise ValueError
+        if kind == "str":
+            if isinstance(value, (list, dict)):
+                raise ValueError
+            return str(value)
+    except (ValueError, OverflowError):
+        pass
+    raise DashboardError(f"{f.name} must be a {kind}; got {value!r}.", field=f.name)
+
+
+def _read_webui_targets(data: dict[str, Any]) -> None:
+    """The webui stores target modules as q_proj_en, k_proj_en, ... booleans; map them to our choice."""
+    if "target_modules" in data:
+        return
+    flags = {k[: -len("_en")]: v for k, v in data.items() if k.endswith("_proj_en")}
+    if not flags:
+        return
+    chosen = [name for name, on in flags.items() if on in (True, "true", "True", 1)]
+    for choice, modules in TARGET_MODULE_CHOICES.items():
+        if isinstance(modules, list) and sorted(modules) == sorted(chosen):
+            data["target_modules"] = choice
+            return
+    data["target_modules"] = "custom"
+    data["custom_target_modules"] = ",".join(chosen)

@@ -1,0 +1,116 @@
+"""Starting, finding and summarising runs under loras/. The Train and Evaluate pages call these."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import DashboardError
+from .home import CODE_ROOT, HOME_ENV, check_name, home_dir, loras_dir
+from .params import TrainingParameters
+from .runfiles import (
+    LIVE_STATES, LOG_FILE, PARAMS_FILE, STATUS_FILE, STOP_FILE, effective_status, now_iso, process_start_time,
+    write_json_atomic,
+)
+
+MODES = ("new", "overwrite", "resume")
+
+
+@contextmanager
+def run_lock(name: str):
+    """An exclusive lock per run name, so two Start clicks at once cannot both launch."""
+    lock_dir = loras_dir() / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def run_dir_for(name: str) -> Path:
+    return loras_dir() / check_name(name, "LoRA name")
+
+
+def list_runs() -> list[Path]:
+    """Every run folder under loras/ (ours or text-generation-webui's), newest first."""
+    root = loras_dir()
+    if not root.is_dir():
+        return []
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and ((p / PARAMS_FILE).exists() or (p / STATUS_FILE).exists() or (p / "adapter_config.json").exists())]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def is_live(run_dir: Path) -> bool:
+    status = effective_status(run_dir)
+    return bool(status) and status.get("state") in LIVE_STATES
+
+
+def backup_name(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = run_dir.with_name(f"{run_dir.name}-backup-{stamp}")
+    n = 1
+    while candidate.exists():
+        n += 1
+        candidate = run_dir.with_name(f"{run_dir.name}-backup-{stamp}-{n}")
+    return candidate
+
+
+def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "latest") -> Path:
+    """Write the run folder and start `python -m trainer train` in its own process session.
+
+    mode "new" refuses an existing name; "overwrite" first moves the old folder to a dated backup;
+    "resume" continues the existing run from `checkpoint` with its stored parameters.
+    Returns at once; the run is then followed through its files.
+    """
+    if mode not in MODES:
+        raise DashboardError(f"Unknown start mode {mode!r}.")
+    if mode != "resume":
+        params.validate()
+    run_dir = run_dir_for(params.lora_name)
+    try:
+        loras_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DashboardError(f"Cannot create {loras_dir()}: {exc.strerror}. Is the home folder writable?") from None
+    if not os.access(loras_dir(), os.W_OK):
+        raise DashboardError(f"The folder {loras_dir()} is read-only; nothing can be trained into it.")
+    with run_lock(run_dir.name):
+        if run_dir.exists():
+            if is_live(run_dir):
+                raise DashboardError(f"{run_dir.name} is already running; stop it first.", field="lora_name")
+            if mode == "new":
+                raise DashboardError(
+                    f"A LoRA named {run_dir.name} already exists. Choose resume, overwrite (the old folder is kept as "
+                    f"a dated backup) or another name.", field="lora_name")
+            if mode == "overwrite":
+                run_dir.rename(backup_name(run_dir))
+        elif mode == "resume":
+            raise DashboardError(f"There is no run named {run_dir.name} to resume.", field="lora_name")
+        run_dir.mkdir(exist_ok=mode == "resume")
+        if mode != "resume":
+            params.write(run_dir / PARAMS_FILE)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        command = [sys.executable, "-m", "trainer", "train", "--run-dir", str(run_dir)]
+        if mode == "resume":
+            from .train import find_checkpoint
+
+            command += ["--resume", find_checkpoint(run_dir, checkpoint).name]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOME_ENV: str(home_dir())})
+        with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+            log.write(f"\n=== {now_iso()} {mode}: {' '.join(command)}\n")
+            log.flush()
+            process = subprocess.Popen(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        previous = effective_status(run_dir) or {}
+        write_json_atomic(run_dir / STATUS_FILE, {
+            **({k: previous[k] for k in ("started_at", "total_steps", "step") if k in previous}
+               if mode == "resume" else {}),
+            "state": "queued", "pid": process.pid, "pid_start_time": process_start_time(process.pid),
+            "started_at": previous.get("started_at") if mode == "resume" else now_iso(),
+            "finished_at": None, "error": None,
+        })
+    return run_dir

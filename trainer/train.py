@@ -1,0 +1,363 @@
+"""`python -m trainer train --run-dir DIR`: one readable LoRA training loop.
+
+Reads DIR/training_parameters.json, trains on exactly the samples `preview` shows, and writes
+status.json, metrics.jsonl, checkpoint-STEP/ folders and the final PEFT adapter (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .errors import DashboardError
+from .runfiles import (
+    METRICS_FILE, PARAMS_FILE, STOP_FILE, MetricsWriter, now_iso, process_start_time, read_status,
+    truncate_metrics_after, update_status, write_json_atomic,
+)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LOSS_GUIDANCE = {
+    "nan": ("The loss became {value} at step {step}: training diverged. Lower the learning rate, keep gradient "
+            "clipping on (max grad norm 1.0), or use full precision instead of 8/4-bit."),
+    "zero": ("The loss is exactly 0.0 at step {step}: something is broken (labels all masked, a data problem, or a "
+             "numerical failure), not a perfect model. Check 'train only after' and the data preview."),
+}
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT or by a stop file; the loop checks it after each step."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._set)
+        signal.signal(signal.SIGINT, self._set)
+
+    def _set(self, *_):
+        self.flag = True
+
+    def __bool__(self) -> bool:
+        return self.flag or (self.run_dir / STOP_FILE).exists()
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    found = [p for p in Path(run_dir).glob(CHECKPOINT_PREFIX + "*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    checkpoints = list_checkpoints(run_dir)
+    if which in ("", "latest"):
+        if not checkpoints:
+            raise DashboardError(f"{Path(run_dir).name} has no checkpoint to resume from.")
+        return checkpoints[-1]
+    for candidate in checkpoints:
+        if candidate.name == which or str(candidate) == which:
+            return candidate
+    raise DashboardError(f"No checkpoint {which!r} in {Path(run_dir).name}; it has "
+                         f"{', '.join(c.name for c in checkpoints) or 'none'}.")
+
+
+def build_optimizer(name: str, parameters, lr: float, weight_decay: float):
+    import torch
+
+    if name == "adamw_torch":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def build_peft_model(params, model, resume_from: Path | None):
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if params.precision != "full":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    elif params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if resume_from is not None:
+        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    targets = params.lora_target_modules()
+    if isinstance(targets, list):
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise DashboardError(
+                f"The model has no module named {', '.join(missing)}. Its linear layers include: "
+                f"{', '.join(sorted(linear_module_names(model)))}.", field="custom_target_modules")
+    config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def linear_module_names(model) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
+
+
+def causal_lm_loss_sum(model, batch) -> "torch.Tensor":
+    """Summed next-token loss over the trained tokens of a micro-batch (padding and masked tokens excluded)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device) -> float:
+    import torch
+
+    from .batching import collate, trained_targets
+
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+    with torch.no_grad():
+        for i in range(0, len(order), micro_batch_size):
+            batch = collate([samples[j] for j in order[i:i + micro_batch_size]], pad_token_id, device)
+            total += float(causal_lm_loss_sum(model, batch))
+            count += trained_targets(batch["labels"])
+    model.train()
+    return total / max(count, 1)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+    """Adapter, optimiser, scheduler, RNG and loop state, written to a temp folder then renamed into place."""
+    import torch
+
+    final = run_dir / f"{CHECKPOINT_PREFIX}{step}"
+    staging = run_dir / f".{final.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    model.save_pretrained(staging)
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, staging / "rng_state.pt")
+    write_json_atomic(staging / "trainer_state.json", state)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    return final
+
+
+def load_checkpoint_state(checkpoint: Path, optimizer, scheduler) -> dict:
+    import torch
+
+    # weights_only=True: a checkpoint is data, never code.
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    rng = torch.load(checkpoint / "rng_state.pt", weights_only=True)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def train(run_dir: Path, resume: str | None = None) -> int:
+    """Train the run in `run_dir`; returns the process exit code (0 completed or stopped, 1 failed)."""
+    run_dir = Path(run_dir).resolve()
+    try:
+        _take_over_status(run_dir)
+        return _train(run_dir, resume)
+    except BaseException as exc:  # the run folder must say what went wrong, whatever it was
+        message = _error_sentence(exc)
+        traceback.print_exc()
+        _log(f"FAILED: {message}")
+        update_status(run_dir, state="failed", error=message, finished_at=now_iso())
+        return 1
+
+
+def _take_over_status(run_dir: Path) -> None:
+    """Mark the run as ours. The launcher holds the lock while it writes `queued`; wait for it."""
+    lock_path = run_dir.parent / ".locks" / f"{run_dir.name}.lock"
+    lock_path.parent.mkdir(exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = read_status(run_dir) or {}
+        update_status(run_dir, state="running", pid=os.getpid(), pid_start_time=process_start_time(os.getpid()),
+                      started_at=previous.get("started_at") or now_iso(), finished_at=None, error=None,
+                      message="loading the model and data")
+
+
+def _error_sentence(exc: BaseException) -> str:
+    if isinstance(exc, DashboardError):
+        return exc.message
+    text = str(exc) or type(exc).__name__
+    if "out of memory" in text.lower() or isinstance(exc, MemoryError):
+        return ("Out of memory. Lower the micro batch size or the cutoff length, or turn on gradient checkpointing "
+                f"or a 4-bit base model. ({type(exc).__name__}: {text[:300]})")
+    return f"{type(exc).__name__}: {text[:500]}"
+
+
+def _train(run_dir: Path, resume: str | None) -> int:
+    import torch
+    from transformers import get_scheduler
+
+    from . import batching
+    from .data import build_samples, unmatched_rows_error
+    from .models import load_model, load_tokenizer
+    from .params import TrainingParameters
+
+    stop = StopRequested(run_dir)
+    params = TrainingParameters.from_file(run_dir / PARAMS_FILE).validate(require_name=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.manual_seed(params.seed)
+    random.seed(params.seed)
+
+    # ---- data: the same function as `preview` ------------------------------------------------
+    tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=_log)
+    preview = build_samples(params, tokenizer)
+    if not params.skip_unmatched_rows and (problem := unmatched_rows_error(preview)):
+        raise problem
+    samples = preview.samples
+    eval_samples = build_samples(params, tokenizer, params.eval_dataset).samples if params.eval_dataset else []
+    lengths = [s.n_tokens for s in samples]
+    accumulation = params.gradient_accumulation_steps
+    per_epoch = batching.steps_per_epoch(len(samples), params.micro_batch_size, accumulation)
+    total = batching.total_steps(len(samples), params)
+    _log(f"{len(samples)} samples, {preview.stats['tokens']} tokens; {per_epoch} steps per epoch, {total} steps "
+         f"(micro batch {params.micro_batch_size} x accumulation {accumulation}).")
+
+    # ---- model, adapter, optimiser, schedule ------------------------------------------------
+    checkpoint = find_checkpoint(run_dir, resume) if resume is not None else None
+    model = load_model(params.base_model, params.precision, device, params.trust_remote_code,
+                       params.bnb_4bit_quant_type, params.bnb_4bit_use_double_quant, progress=_log)
+    model = build_peft_model(params, model, checkpoint)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    _log(f"Trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}.")
+    optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
+    scheduler = get_scheduler(params.lr_scheduler_type, optimizer, num_warmup_steps=params.warmup_steps,
+                              num_training_steps=total)
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint, optimizer, scheduler)
+        truncate_metrics_after(run_dir, state["step"])
+        _log(f"Resumed from {checkpoint.name} at step {state['step']}.")
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    update_status(run_dir, step=state["step"], total_steps=total, message=None,
+                  resumed_from=checkpoint.name if checkpoint else None)
+
+    metrics = MetricsWriter(run_dir / METRICS_FILE)
+    pad_id = tokenizer.pad_token_id
+    schedule_epoch, schedule = -1, []
+    step, tokens = state["step"], state["tokens"]
+    started = time.perf_counter() - state["elapsed_s"]
+    window_start, window_tokens, recent_step_times = time.perf_counter(), 0, []
+    end_state, reason = "completed", "reached the last step"
+
+    # ---- the loop ------------------------------------------------------------------------------
+    while step < total:
+        step_started = time.perf_counter()
+        epoch_index, position = divmod(step, per_epoch)
+        if epoch_index != schedule_epoch:
+            schedule = batching.epoch_schedule(lengths, params.micro_batch_size, accumulation, params.seed,
+                                               epoch_index, params.group_by_length)
+            schedule_epoch = epoch_index
+        micro_batches = [batching.collate([samples[i] for i in indices], pad_id, device)
+                         for indices in schedule[position]]
+        # The step's loss is the mean over every trained token of the whole (accumulated) batch.
+        targets = sum(batching.trained_targets(b["labels"]) for b in micro_batches)
+        loss_total = 0.0
+        for batch in micro_batches:
+            loss = causal_lm_loss_sum(model, batch) / max(targets, 1)
+            loss.backward()
+            loss_total += float(loss.detach())
+            batch_tokens = int(batch["attention_mask"].sum())
+            tokens += batch_tokens
+            window_tokens += batch_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm or float("inf"))
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        recent_step_times = (recent_step_times + [time.perf_counter() - step_started])[-20:]
+
+        if not math.isfinite(loss_total) or loss_total == 0.0:
+            kind = "zero" if loss_total == 0.0 else "nan"
+            _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens,
+                              0.0, time.perf_counter() - started, 0.0)
+            raise DashboardError(LOSS_GUIDANCE[kind].format(value=loss_total, step=step))
+
+        if step % params.logging_steps == 0 or step == total or stop:
+            now = time.perf_counter()
+            speed = window_tokens / max(now - window_start, 1e-9)
+            eta = (total - step) * sum(recent_step_times) / len(recent_step_times)
+            _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens, speed,
+                              now - started, eta)
+            _log(f"step {step}/{total} loss {loss_total:.4f} lr {learning_rate:.3g} {speed:.0f} tok/s eta {eta:.0f}s")
+            window_start, window_tokens = now, 0
+            update_status(run_dir, step=step, total_steps=total, epoch=step / per_epoch)
+
+        if eval_samples and (step % params.eval_steps == 0 or step == total):
+            eval_loss = evaluate(model, eval_samples, params.micro_batch_size, pad_id, device)
+            metrics.write({"step": step, "total_steps": total, "epoch": step / per_epoch, "eval_loss": eval_loss,
+                           "eval_perplexity": math.exp(min(eval_loss, 700))})
+            _log(f"step {step}: eval loss {eval_loss:.4f}")
+
+        if params.stop_at_loss and loss_total < params.stop_at_loss:
+            reason = f"the loss {loss_total:.4f} fell below stop-at-loss {params.stop_at_loss}"
+            break
+        if stop:
+            end_state, reason = "stopped", "a stop was requested"
+            break
+        if params.save_steps and step % params.save_steps == 0 and step < total:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                            {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
+                             "total_steps": total})
+            _log(f"saved checkpoint-{step}")
+
+    # ---- the end: adapter (and a checkpoint to resume from, when stopped early) -------------------
+    if end_state == "stopped" and step < total:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                        {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
+                         "total_steps": total})
+    model.save_pretrained(run_dir)
+    metrics.close()
+    _log(f"Run {end_state} at step {step}/{total}: {reason}. Adapter saved in {run_dir}.")
+    update_status(run_dir, state=end_state, step=step, total_steps=total, finished_at=now_iso(), reason=reason,
+                  error=None)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    return 0
+
+
+def _write_train_line(metrics, step, total, per_epoch, loss, learning_rate, grad_norm, tokens, speed, elapsed, eta):
+    metrics.write({
+        "step": step, "total_steps": total, "epoch": step / per_epoch, "loss": loss,
+        "learning_rate": learning_rate, "grad_norm": float(grad_norm), "tokens": tokens,
+        "tokens_per_second": speed, "elapsed_s": elapsed, "eta_s": eta, "time": now_iso(),
+    })
