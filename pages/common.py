@@ -41,3 +41,31 @@ def show_error(exc: DashboardError) -> None:
 
 def home_caption() -> None:
     st.caption(f"Home folder: `{home_dir()}` (set LORA_DASHBOARD_HOME to use another, e.g. a webui user_data).")
+
+
+def list_dataset_names(kind: str = "any") -> list[str]:
+    """Dataset names under datasets/: "raw" (.txt files and folders of them), "formatted" (.json/.jsonl), "any"."""
+    from trainer.home import datasets_dir
+
+    root = datasets_dir()
+    if not root.is_dir():
+        return []
+    names = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith("."):
+            continue
+        is_raw = path.suffix.lower() == ".txt" or (path.is_dir() and any(path.glob("*.txt")))
+        is_formatted = path.suffix.lower() in (".json", ".jsonl")
+        if (kind in ("raw", "any") and is_raw) or (kind in ("formatted", "any") and is_formatted):
+            names.append(path.name)
+    return names
+
+
+def list_format_names() -> list[str]:
+    from trainer.home import formats_dirs
+
+    names = []
+    for folder in formats_dirs():
+        if folder.is_dir():
+            names += [p.stem for p in sorted(folder.glob("*.json"))]
+    return list(dict.fromkeys(names))

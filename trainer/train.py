@@ -25,12 +25,20 @@ from .runfiles import (
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
-LOSS_GUIDANCE = {
-    "nan": ("The loss became {value} at step {step}: training diverged. Lower the learning rate, keep gradient "
-            "clipping on (max grad norm 1.0), or use full precision instead of 8/4-bit."),
-    "zero": ("The loss is exactly 0.0 at step {step}: something is broken (labels all masked, a data problem, or a "
-             "numerical failure), not a perfect model. Check 'train only after' and the data preview."),
-}
+
+
+def loss_problem(loss: float, step: int) -> str | None:
+    """A sentence explaining a loss that means the run broke (NaN, infinite or exactly 0.0), else None."""
+    if loss == 0.0:
+        return (f"The loss is exactly 0.0 at step {step}: something is broken (labels all masked, a data problem, "
+                f"or a numerical failure), not a perfect model. Check 'train only after' and the data preview.")
+    if math.isfinite(loss):
+        return None
+    if step == 1:
+        return (f"The loss is {loss} at the first step: the base model or the data produce invalid numbers (a broken "
+                f"model file, or half precision overflowing). Try the model in full precision, or another model.")
+    return (f"The loss became {loss} at step {step}: training diverged. Lower the learning rate, keep gradient "
+            f"clipping on (max grad norm 1.0), or use full precision instead of 8/4-bit.")
 
 
 class StopRequested:
@@ -189,7 +197,8 @@ def train(run_dir: Path, resume: str | None = None) -> int:
     run_dir = Path(run_dir).resolve()
     try:
         _take_over_status(run_dir)
-        return _train(run_dir, resume)
+        train_run(run_dir, resume)
+        return 0
     except BaseException as exc:  # the run folder must say what went wrong, whatever it was
         message = _error_sentence(exc)
         traceback.print_exc()
@@ -220,7 +229,8 @@ def _error_sentence(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}"
 
 
-def _train(run_dir: Path, resume: str | None) -> int:
+def train_run(run_dir: Path, resume: str | None = None):
+    """The training loop. Returns the trained PEFT model (tests compare it with the saved adapter)."""
     import torch
     from transformers import get_scheduler
 
@@ -307,11 +317,11 @@ def _train(run_dir: Path, resume: str | None) -> int:
         step += 1
         recent_step_times = (recent_step_times + [time.perf_counter() - step_started])[-20:]
 
-        if not math.isfinite(loss_total) or loss_total == 0.0:
-            kind = "zero" if loss_total == 0.0 else "nan"
+        if problem := loss_problem(loss_total, step):
             _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens,
                               0.0, time.perf_counter() - started, 0.0)
-            raise DashboardError(LOSS_GUIDANCE[kind].format(value=loss_total, step=step))
+            update_status(run_dir, step=step)
+            raise DashboardError(problem)
 
         if step % params.logging_steps == 0 or step == total or stop:
             now = time.perf_counter()
@@ -352,7 +362,7 @@ def _train(run_dir: Path, resume: str | None) -> int:
     update_status(run_dir, state=end_state, step=step, total_steps=total, finished_at=now_iso(), reason=reason,
                   error=None)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
-    return 0
+    return model
 
 
 def _write_train_line(metrics, step, total, per_epoch, loss, learning_rate, grad_norm, tokens, speed, elapsed, eta):
