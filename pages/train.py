@@ -130,7 +130,7 @@ def plan(data_key: dict, stamp: tuple) -> dict:
     params = TrainingParameters.from_dict(data_key)
     preview = build_samples(params, get_tokenizer(params.base_model, params.trust_remote_code))
     unmatched = unmatched_rows_error(preview)
-    return {"samples": len(preview.samples), "tokens": preview.stats["tokens"],
+    return {"lengths": [s.n_tokens for s in preview.samples], "tokens": preview.stats["tokens"],
             "unmatched": unmatched.message if unmatched else None}
 
 
@@ -154,15 +154,16 @@ data_fields = {"base_model", "dataset", "raw_text_file", "format", "cutoff_len",
 if params is not None and not any(p.field in data_fields | {"dataset"} for p in problems):
     try:
         info = plan({k: v for k, v in params.to_dict().items() if k in data_fields}, dataset_stamp(params))
-        per_epoch = batching.steps_per_epoch(info["samples"], params.micro_batch_size,
-                                             params.gradient_accumulation_steps)
-        cols = st.columns(5)
-        cols[0].metric("Samples", info["samples"])
-        cols[1].metric("Tokens", f"{info['tokens']:,}")
-        cols[2].metric("Accumulation", f"{params.gradient_accumulation_steps}",
+        steps = batching.plan(info["lengths"], params)
+        cols = st.columns(6)
+        cols[0].metric("Samples", steps["samples"])
+        cols[1].metric("Rows", steps["rows"], help="Samples packed into rows of cutoff length (packing)."
+                       if params.packing else "One sample per row (packing is off).")
+        cols[2].metric("Tokens", f"{info['tokens']:,}")
+        cols[3].metric("Accumulation", f"{params.gradient_accumulation_steps}",
                        help="batch size / micro batch size micro-batches per optimiser step")
-        cols[3].metric("Steps per epoch", per_epoch)
-        cols[4].metric("Total steps", batching.total_steps(info["samples"], params))
+        cols[4].metric("Steps per epoch", steps["steps_per_epoch"])
+        cols[5].metric("Total steps", steps["total_steps"])
         if info["unmatched"] and not params.skip_unmatched_rows:
             st.error(info["unmatched"])
         else:

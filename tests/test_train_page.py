@@ -81,12 +81,18 @@ def test_bad_names_are_refused(home, name):
 def test_plan_shows_samples_and_steps(home):
     at = open_page()
     fill_basic(at, micro_batch_size=2, batch_size=4)
+    at.checkbox(key="tp_packing").uncheck()
+    at.run()
     metrics = {m.label: m.value for m in at.metric}
-    assert int(metrics["Samples"]) > 0
+    assert int(metrics["Samples"]) > 0 and metrics["Rows"] == metrics["Samples"]
     assert metrics["Accumulation"] == "2"
     per_epoch = int(metrics["Steps per epoch"])
     assert per_epoch == -(-(-(-int(metrics["Samples"]) // 2)) // 2)
     assert int(metrics["Total steps"]) == 3 * per_epoch  # default 3 epochs
+    at.checkbox(key="tp_packing").check()
+    at.run()
+    packed = {m.label: m.value for m in at.metric}
+    assert packed["Samples"] == metrics["Samples"] and int(packed["Rows"]) < int(metrics["Rows"])
 
 
 def test_existing_name_is_never_overwritten_silently(home):

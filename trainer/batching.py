@@ -1,4 +1,10 @@
-"""Which samples go into which micro-batch and optimiser step, and how a micro-batch is padded.
+"""Which samples go into which micro-batch and optimiser step, and how a micro-batch is laid out.
+
+A *unit* is one row of a micro-batch: a single sample, or (with packing) several short samples packed
+into one row of at most cutoff_len tokens. Every row carries position ids that restart at 0 for each
+sample, and no attention mask: transformers then builds a block-diagonal causal mask from the position
+ids, so a token attends only to its own sample, and the padding at the end of a row forms a block of its
+own. Padding is never trained.
 
 The order is a pure function of (seed, epoch), so a resumed run replays exactly the steps an
 uninterrupted run would have taken.
@@ -6,6 +12,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -15,24 +22,58 @@ from .data import IGNORE_INDEX, Sample
 MEGABATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort by length inside groups of 50 micro-batches
 
 
-def steps_per_epoch(n_samples: int, micro_batch_size: int, accumulation: int) -> int:
-    return max(1, math.ceil(math.ceil(n_samples / micro_batch_size) / accumulation)) if n_samples else 0
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of sample indices into rows of at most `capacity` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), kept sorted
+    for i in order:
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, row = free.pop(at)
+            rows[row].append(i)
+            room -= lengths[i]
+        else:
+            rows.append([i])
+            row, room = len(rows) - 1, capacity - lengths[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
 
 
-def total_steps(n_samples: int, params) -> int:
+def training_units(lengths: list[int], params) -> list[list[int]]:
+    """Rows of sample indices: packed to cutoff length when params.packing, else one sample per row."""
+    if params.packing:
+        return pack(lengths, params.cutoff_len)
+    return [[i] for i in range(len(lengths))]
+
+
+def steps_per_epoch(n_units: int, micro_batch_size: int, accumulation: int) -> int:
+    return max(1, math.ceil(math.ceil(n_units / micro_batch_size) / accumulation)) if n_units else 0
+
+
+def total_steps(n_units: int, params) -> int:
     if params.max_steps:
         return params.max_steps
-    per_epoch = steps_per_epoch(n_samples, params.micro_batch_size, params.gradient_accumulation_steps)
+    per_epoch = steps_per_epoch(n_units, params.micro_batch_size, params.gradient_accumulation_steps)
     return max(1, math.ceil(params.epochs * per_epoch))
+
+
+def plan(lengths: list[int], params) -> dict:
+    """Rows, steps per epoch and total steps for samples of these lengths: the Train page's plan."""
+    units = training_units(lengths, params)
+    per_epoch = steps_per_epoch(len(units), params.micro_batch_size, params.gradient_accumulation_steps)
+    return {"samples": len(lengths), "rows": len(units), "steps_per_epoch": per_epoch,
+            "total_steps": total_steps(len(units), params)}
 
 
 def epoch_schedule(lengths: list[int], micro_batch_size: int, accumulation: int, seed: int, epoch: int,
                    group_by_length: bool) -> list[list[list[int]]]:
-    """For one epoch: a list of optimiser steps, each a list of micro-batches of sample indices."""
+    """For one epoch: a list of optimiser steps, each a list of micro-batches of unit indices."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
     if group_by_length:
-        # Samples of similar length share a micro-batch, so padding costs little; megabatches keep it random.
+        # Units of similar length share a micro-batch, so padding costs little; megabatches keep it random.
         size = micro_batch_size * MEGABATCH_MULT
         grouped = []
         for i in range(0, len(order), size):
@@ -46,19 +87,31 @@ def epoch_schedule(lengths: list[int], micro_batch_size: int, accumulation: int,
     return [micro[i:i + accumulation] for i in range(0, len(micro), accumulation)]
 
 
-def collate(samples: list[Sample], pad_token_id: int, device) -> dict[str, torch.Tensor]:
-    """Pad to the longest sample of the micro-batch (dynamic padding); padding is never trained."""
-    width = max(s.n_tokens for s in samples)
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, sample in enumerate(samples):
-        n = sample.n_tokens
-        input_ids[row, :n] = torch.tensor(sample.input_ids)
-        attention_mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(sample.labels())
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "labels": labels.to(device)}
+def collate(rows: list[list[Sample]], pad_token_id: int, device) -> dict:
+    """Lay rows of samples out as a micro-batch padded to its longest row (dynamic padding).
+
+    Each sample's first label is ignored: in a packed row it would be predicted from the previous
+    sample's last token, and in a row of its own it is never a target anyway.
+    """
+    width = max(sum(s.n_tokens for s in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    real_tokens = 0
+    for r, row in enumerate(rows):
+        at = 0
+        for sample in row:
+            n = sample.n_tokens
+            input_ids[r, at:at + n] = torch.tensor(sample.input_ids)
+            sample_labels = torch.tensor(sample.labels())
+            sample_labels[0] = IGNORE_INDEX
+            labels[r, at:at + n] = sample_labels
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # the padding: a block of its own
+        real_tokens += at
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device),
+            "real_tokens": real_tokens}
 
 
 def trained_targets(labels: torch.Tensor) -> int:

@@ -108,6 +108,8 @@ class TrainingParameters:
                                       "advanced")
     group_by_length: bool = _p(True, "Batch samples of similar length together so little padding is computed.",
                                "advanced")
+    packing: bool = _p(True, "Pack several short samples into one row of cutoff length (each still attends only to "
+                              "itself), so no compute is spent on padding.", "advanced")
     seed: int = _p(0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0, 2**32 - 1)
     trust_remote_code: bool = _p(False, "Run the model folder's own Python code. Only for models you trust.",
                                  "advanced")

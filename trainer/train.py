@@ -129,7 +129,9 @@ def causal_lm_loss_sum(model, batch) -> "torch.Tensor":
     """Summed next-token loss over the trained tokens of a micro-batch (padding and masked tokens excluded)."""
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # No attention mask: position ids restarting per sample make transformers attend within each sample
+    # (and use_cache=False, or it would not look at them).
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     shifted_logits = logits[:, :-1, :].float()
     shifted_labels = batch["labels"][:, 1:]
     return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
@@ -146,7 +148,7 @@ def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device) -
     order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
     with torch.no_grad():
         for i in range(0, len(order), micro_batch_size):
-            batch = collate([samples[j] for j in order[i:i + micro_batch_size]], pad_token_id, device)
+            batch = collate([[samples[j]] for j in order[i:i + micro_batch_size]], pad_token_id, device)
             total += float(causal_lm_loss_sum(model, batch))
             count += trained_targets(batch["labels"])
     model.train()
@@ -254,12 +256,14 @@ def train_run(run_dir: Path, resume: str | None = None):
         raise problem
     samples = preview.samples
     eval_samples = build_samples(params, tokenizer, params.eval_dataset).samples if params.eval_dataset else []
-    lengths = [s.n_tokens for s in samples]
+    units = batching.training_units([s.n_tokens for s in samples], params)
+    lengths = [sum(samples[i].n_tokens for i in unit) for unit in units]
     accumulation = params.gradient_accumulation_steps
-    per_epoch = batching.steps_per_epoch(len(samples), params.micro_batch_size, accumulation)
-    total = batching.total_steps(len(samples), params)
-    _log(f"{len(samples)} samples, {preview.stats['tokens']} tokens; {per_epoch} steps per epoch, {total} steps "
-         f"(micro batch {params.micro_batch_size} x accumulation {accumulation}).")
+    per_epoch = batching.steps_per_epoch(len(units), params.micro_batch_size, accumulation)
+    total = batching.total_steps(len(units), params)
+    packed = f", packed into {len(units)} rows" if params.packing else ""
+    _log(f"{len(samples)} samples{packed}, {preview.stats['tokens']} tokens; {per_epoch} steps per epoch, {total} "
+         f"steps (micro batch {params.micro_batch_size} x accumulation {accumulation}).")
 
     # ---- model, adapter, optimiser, schedule ------------------------------------------------
     checkpoint = find_checkpoint(run_dir, resume) if resume is not None else None
@@ -297,8 +301,8 @@ def train_run(run_dir: Path, resume: str | None = None):
             schedule = batching.epoch_schedule(lengths, params.micro_batch_size, accumulation, params.seed,
                                                epoch_index, params.group_by_length)
             schedule_epoch = epoch_index
-        micro_batches = [batching.collate([samples[i] for i in indices], pad_id, device)
-                         for indices in schedule[position]]
+        micro_batches = [batching.collate([[samples[i] for i in units[u]] for u in unit_indices], pad_id, device)
+                         for unit_indices in schedule[position]]
         # The step's loss is the mean over every trained token of the whole (accumulated) batch.
         targets = sum(batching.trained_targets(b["labels"]) for b in micro_batches)
         loss_total = 0.0
@@ -306,7 +310,7 @@ def train_run(run_dir: Path, resume: str | None = None):
             loss = causal_lm_loss_sum(model, batch) / max(targets, 1)
             loss.backward()
             loss_total += float(loss.detach())
-            batch_tokens = int(batch["attention_mask"].sum())
+            batch_tokens = batch["real_tokens"]
             tokens += batch_tokens
             window_tokens += batch_tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm or float("inf"))
