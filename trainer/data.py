@@ -133,12 +133,16 @@ def load_rows(path: Path) -> list[Any]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DashboardError(f"{path.name}, line {number}: not valid JSON ({exc.msg}).") from None
+            except RecursionError:
+                raise DashboardError(f"{path.name}, line {number}: JSON nested too deeply to read.") from None
     else:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DashboardError(
                 f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+        except RecursionError:
+            raise DashboardError(f"{path.name} nests JSON too deeply to read.") from None
         if not isinstance(rows, list):
             raise DashboardError(f"{path.name} must hold a JSON list of objects; it holds a {type(rows).__name__}.")
     for index, row in enumerate(rows):
@@ -178,6 +182,8 @@ def load_format(path: Path) -> FormatFile:
         data = json.loads(read_text_file(path))
     except json.JSONDecodeError as exc:
         raise DashboardError(f"Format file {path.name} is not valid JSON: {exc.msg} at line {exc.lineno}.") from None
+    except RecursionError:
+        raise DashboardError(f"Format file {path.name} nests JSON too deeply to read.") from None
     if not isinstance(data, dict) or not data:
         raise DashboardError(
             f"Format file {path.name} must be a JSON object mapping field lists such as \"instruction,output\" "
@@ -199,7 +205,41 @@ def load_format(path: Path) -> FormatFile:
 
 
 def render(template: str, row: dict) -> str:
-    return _FIELD_RE.sub(lambda m: row[m.group(1)] if isinstance(row.get(m.group(1)), str) else m.group(0), template)
+    return render_parts(template, row)[0]
+
+
+def render_parts(template: str, row: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The template with `%field%` replaced by the row's values (in one pass: a value's own `%x%` stays),
+    and the character ranges of the result that come from the template's own text."""
+    pieces: list[str] = []
+    literal: list[tuple[int, int]] = []
+    at = pos = 0
+    for match in _FIELD_RE.finditer(template):
+        text = template[pos:match.start()]
+        value = row.get(match.group(1))
+        value = value if isinstance(value, str) else match.group(0)
+        pieces += [text, value]
+        literal.append((at, at + len(text)))
+        at += len(text) + len(value)
+        pos = match.end()
+    pieces.append(template[pos:])
+    literal.append((at, at + len(template) - pos))
+    return "".join(pieces), literal
+
+
+def find_marker_end(text: str, marker: str, literal: list[tuple[int, int]] | None = None) -> int | None:
+    """Where the trained part starts: just after the first `marker` that begins in the format template's own
+    text (so an "Assistant:" inside a user's question does not unmask the rest of the prompt); failing
+    that, after the first `marker` anywhere; None when the text does not contain it."""
+    first = text.find(marker)
+    if first < 0:
+        return None
+    at = first
+    while literal and at >= 0:
+        if any(a <= at < b for a, b in literal):
+            return at + len(marker)
+        at = text.find(marker, at + 1)
+    return first + len(marker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,19 +254,24 @@ def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, bu
     `char_pos[b]` is the character offset of token boundary b. A cut moves back to a line start lying
     within `newline_favor_len` characters, and the next chunk starts `overlap` tokens before the cut,
     moved to a nearby line start too. Every token is in at least one span: nothing is thrown away.
+    Both ends move forward from span to span, so each span brings tokens the previous one did not hold
+    (a span never lies inside the previous one), and with `overlap > 0` consecutive spans share tokens.
     """
     if n_tokens == 0:
         return []
     spans = []
     start = 0
+    previous_end = 0
     while True:
         end = min(start + budget, n_tokens)
         if end < n_tokens and newline_favor_len > 0:
-            # The latest line start in (start + overlap, end] close enough to the planned cut.
+            # The latest line start in (start + overlap, end] close enough to the planned cut, and past
+            # the previous cut (a start moved back to a line start may lie more than `overlap` before it).
             i = np.searchsorted(line_starts, end, side="right") - 1
             if i >= 0:
                 candidate = int(line_starts[i])
-                if candidate > start + overlap and char_pos[end] - char_pos[candidate] <= newline_favor_len:
+                if (candidate > max(start + overlap, previous_end)
+                        and char_pos[end] - char_pos[candidate] <= newline_favor_len):
                     end = candidate
         spans.append((start, end))
         if end >= n_tokens:
@@ -246,6 +291,7 @@ def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, bu
                             best = (distance, candidate)
             if best is not None:
                 next_start = best[1]
+        previous_end = end
         start = max(next_start, start + 1)
 
 
@@ -259,19 +305,18 @@ def _line_start_tokens(text: str, offsets: np.ndarray) -> tuple[np.ndarray, np.n
     after_newline = np.zeros(len(text) + 1, dtype=bool)
     after_newline[1:] = codes == 10
     is_start = after_newline[char_pos]
+    # A byte-level tokenizer splits an emoji or a CJK character into several tokens that all carry the
+    # character's offsets: a boundary inside a character (the previous token ends after this one
+    # starts) is no line start, even right after a newline.
+    if n > 1:
+        is_start[1:n] &= offsets[:-1, 1] <= offsets[1:, 0]
     is_start[0] = True
     is_start[n] = True
     return np.flatnonzero(is_start), char_pos
 
 
 def build_raw_samples(params, tokenizer) -> Preview:
-    files = raw_text_files(resolve_user_path(params.raw_text_file, "dataset"))
-    hard_cut = params.hard_cut
-    blocks: list[tuple[str, str]] = []  # (text, file name)
-    for file in files:
-        text = read_text_file(file)
-        parts = text.split(hard_cut) if hard_cut else [text]
-        blocks.extend((part.strip(), file.name) for part in parts)
+    # The options are checked before any file is read or tokenised.
     bos = [tokenizer.bos_token_id] if params.add_bos_token and tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if params.add_eos_token and tokenizer.eos_token_id is not None else []
     budget = params.cutoff_len - len(bos) - len(eos)
@@ -279,6 +324,14 @@ def build_raw_samples(params, tokenizer) -> Preview:
         raise DashboardError(
             f"Overlap length ({params.overlap_len}) must be below the cutoff length minus the BOS/EOS tokens "
             f"({budget}).", field="overlap_len")
+    files = raw_text_files(resolve_user_path(params.raw_text_file, "dataset"))
+    # The text's line ends became \n, so a hard cut typed with \r\n or \r (Windows habits) must too.
+    hard_cut = params.hard_cut.replace("\r\n", "\n").replace("\r", "\n")
+    blocks: list[tuple[str, str]] = []  # (text, file name)
+    for file in files:
+        text = read_text_file(file)
+        parts = text.split(hard_cut) if hard_cut else [text]
+        blocks.extend((part.strip(), file.name) for part in parts)
 
     problems, kept = [], []
     for index, (text, name) in enumerate(blocks):
@@ -336,9 +389,15 @@ def _chat_text_and_spans(tokenizer, messages: list) -> tuple[str, list[tuple[int
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if full.startswith(upto) and upto.startswith(before):
+        if i:
+            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        else:
+            # A chat that opens with the assistant: the template may still put a system prompt and the
+            # assistant header first, which are not the reply. The reply starts at its content.
+            at = upto.rfind(message["content"]) if message["content"] else -1
+            before = upto[:at] if at >= 0 else None
+        if before is not None and full.startswith(upto) and upto.startswith(before):
             spans.append((len(before), len(upto)))
     if not spans:
         raise ValueError("no assistant message to learn from")
@@ -375,15 +434,15 @@ def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Pr
                 problems.append(Problem(f"row {index}", f"unmatched: {reason}", index, fields))
                 continue
             key, template = match
-            text = render(template, row)
+            text, literal = render_parts(template, row)
             spans = [(0, len(text))]
             if after:
-                at = text.find(after)
-                if at < 0:
+                at = find_marker_end(text, after, literal)
+                if at is None:
                     problems.append(Problem(f"row {index}", f"dropped: does not contain the train-only-after "
                                                             f"string {after!r}", index, sorted(row_fields(row))))
                     continue
-                spans = [(at + len(after), len(text))]
+                spans = [(at, len(text))]
         matched_keys[key] = matched_keys.get(key, 0) + 1
         texts.append(text)
         trained_spans.append(spans)

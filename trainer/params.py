@@ -88,6 +88,9 @@ class TrainingParameters:
     batch_size: int = _p(
         8, "Samples per optimiser step: a multiple of micro batch (accumulation = batch / micro).",
         "optimisation", 1, 65536)
+    num_processes: int = _p(
+        1, "Processes / GPUs on this machine (torchrun). The batch size is the global batch: "
+           "micro batch x accumulation x processes.", "optimisation", 1, 64)
     lr_scheduler_type: str = _p("linear", "Learning-rate schedule (transformers' schedulers).", "optimisation",
                                 choices=SCHEDULERS)
     warmup_steps: int = _p(10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)
@@ -153,7 +156,8 @@ class TrainingParameters:
     # ---- derived values -----------------------------------------------------------------------
     @property
     def gradient_accumulation_steps(self) -> int:
-        return max(1, self.batch_size // self.micro_batch_size)
+        """Micro-batches per optimiser step on each process: batch / (micro batch x processes)."""
+        return max(1, self.batch_size // (self.micro_batch_size * self.num_processes))
 
     @property
     def hard_cut(self) -> str:
@@ -188,10 +192,11 @@ class TrainingParameters:
                     bad(f.name, f"{f.name} must be a finite number; got {value!r}.")
                     continue
                 lo, hi = meta.get("min"), meta.get("max")
+                shown = f"{value:g}" if abs(value) < 1e18 else "a huge number"
                 if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)):
-                    bad(f.name, f"{f.name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {value:g}.")
+                    bad(f.name, f"{f.name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {shown}.")
                 elif hi is not None and value > hi:
-                    bad(f.name, f"{f.name} must be at most {hi:g}; got {value:g}.")
+                    bad(f.name, f"{f.name} must be at most {hi:g}; got {shown}.")
         if require_name:
             try:
                 check_name(self.lora_name, "LoRA name")
@@ -199,11 +204,15 @@ class TrainingParameters:
                 bad("lora_name", exc.message)
         if not self.base_model.strip():
             bad("base_model", "Choose a base model.")
-        if self.overlap_len >= self.cutoff_len:
+        if self.overlap_len >= self.cutoff_len and not self.dataset:  # overlap only applies to raw text
             bad("overlap_len", f"Overlap length ({self.overlap_len}) must be below the cutoff length ({self.cutoff_len}).")
         if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
             bad("batch_size", f"Batch size ({self.batch_size}) must be a multiple of the micro batch size "
                               f"({self.micro_batch_size}); gradient accumulation is batch / micro batch.")
+        elif self.micro_batch_size > 0 and self.num_processes > 0 and \
+                self.batch_size % (self.micro_batch_size * self.num_processes):
+            bad("batch_size", f"Batch size ({self.batch_size}) must be a multiple of micro batch size x processes "
+                              f"({self.micro_batch_size} x {self.num_processes}): it is the global batch.")
         if not self.dataset and not self.raw_text_file:
             bad("dataset", "Choose a dataset (formatted JSON) or a raw text file.")
         if self.dataset and self.raw_text_file:
@@ -274,10 +283,18 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if kind == "str":
             if isinstance(value, (list, dict)):
                 raise ValueError
+            # The webui writes "None" for a dataset, format or file left unselected.
+            if f.name in _PATH_FIELDS and value in ("None", "none"):
+                return ""
             return str(value)
     except (ValueError, OverflowError):
         pass
-    raise DashboardError(f"{f.name} must be a {kind}; got {value!r}.", field=f.name)
+    described = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}[kind]
+    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+    raise DashboardError(f"{f.name} must be {described}; got {shown}.", field=f.name)
+
+
+_PATH_FIELDS = {"dataset", "eval_dataset", "format", "raw_text_file"}
 
 
 def _read_webui_targets(data: dict[str, Any]) -> None:

@@ -190,23 +190,93 @@ def load_checkpoint_state(checkpoint: Path, optimizer, scheduler) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
 
 
+class Distributed:
+    """This process's place in a torchrun / accelerate launch (one process when WORLD_SIZE is unset).
+
+    Rank 0 alone writes status.json, metrics.jsonl, checkpoints and the adapter. Collectives below are
+    no-ops in a single process, so the loop reads the same either way.
+    """
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.enabled = self.world > 1
+
+    def start(self) -> str:
+        """Join the process group; returns the device of this process."""
+        import torch
+        import torch.distributed as dist
+
+        device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        if self.enabled and not dist.is_initialized():
+            if device.startswith("cuda"):
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        return device
+
+    def sum(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return float(tensor.item())
+
+    def any(self, flag: bool) -> bool:
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+    print(f"[{time.strftime('%H:%M:%S')}] {prefix}{message}", flush=True)
 
 
 def train(run_dir: Path, resume: str | None = None) -> int:
     """Train the run in `run_dir`; returns the process exit code (0 completed or stopped, 1 failed)."""
     run_dir = Path(run_dir).resolve()
+    dist_info = Distributed()
     try:
-        _take_over_status(run_dir)
-        train_run(run_dir, resume)
+        if dist_info.is_main:
+            _take_over_status(run_dir)
+        train_run(run_dir, resume, dist_info)
         return 0
     except BaseException as exc:  # the run folder must say what went wrong, whatever it was
         message = _error_sentence(exc)
         traceback.print_exc()
         _log(f"FAILED: {message}")
-        update_status(run_dir, state="failed", error=message, finished_at=now_iso())
+        _record_failure(run_dir, dist_info, message)
         return 1
+    finally:
+        dist_info.close()
+
+
+def _record_failure(run_dir: Path, dist_info: Distributed, message: str) -> None:
+    """Write the failure, unless another rank already reported the failure that brought this one down."""
+    status = read_status(run_dir) or {}
+    if dist_info.enabled:
+        if status.get("state") == "failed" and status.get("failed_rank") not in (None, dist_info.rank):
+            return
+        message = f"Rank {dist_info.rank} of {dist_info.world} failed: {message}"
+    update_status(run_dir, state="failed", error=message, finished_at=now_iso(),
+                  failed_rank=dist_info.rank if dist_info.enabled else None)
 
 
 def _take_over_status(run_dir: Path) -> None:
@@ -218,7 +288,7 @@ def _take_over_status(run_dir: Path) -> None:
         previous = read_status(run_dir) or {}
         update_status(run_dir, state="running", pid=os.getpid(), pid_start_time=process_start_time(os.getpid()),
                       started_at=previous.get("started_at") or now_iso(), finished_at=None, error=None,
-                      message="loading the model and data")
+                      failed_rank=None, message="loading the model and data")
 
 
 def _error_sentence(exc: BaseException) -> str:
@@ -231,8 +301,10 @@ def _error_sentence(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}"
 
 
-def train_run(run_dir: Path, resume: str | None = None):
+def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed | None = None):
     """The training loop. Returns the trained PEFT model (tests compare it with the saved adapter)."""
+    import contextlib
+
     import torch
     from transformers import get_scheduler
 
@@ -241,11 +313,17 @@ def train_run(run_dir: Path, resume: str | None = None):
     from .models import load_model, load_tokenizer
     from .params import TrainingParameters
 
+    dist_info = dist_info or Distributed()
+    main = dist_info.is_main
     stop = StopRequested(run_dir)
     params = TrainingParameters.from_file(run_dir / PARAMS_FILE).validate(require_name=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = dist_info.world
+    if params.batch_size % (params.micro_batch_size * world):
+        raise DashboardError(f"Batch size ({params.batch_size}) must be a multiple of micro batch size x processes "
+                             f"({params.micro_batch_size} x {world}): it is the global batch.", field="batch_size")
+    device = dist_info.start()
     if device == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(params.seed)
     random.seed(params.seed)
 
@@ -258,12 +336,13 @@ def train_run(run_dir: Path, resume: str | None = None):
     eval_samples = build_samples(params, tokenizer, params.eval_dataset).samples if params.eval_dataset else []
     units = batching.training_units([s.n_tokens for s in samples], params)
     lengths = [sum(samples[i].n_tokens for i in unit) for unit in units]
-    accumulation = params.gradient_accumulation_steps
-    per_epoch = batching.steps_per_epoch(len(units), params.micro_batch_size, accumulation)
-    total = batching.total_steps(len(units), params)
+    # Every process runs `accumulation` micro-batches per step; together they make the global batch.
+    accumulation = params.batch_size // (params.micro_batch_size * world)
+    per_epoch = batching.steps_per_epoch(len(units), params.micro_batch_size, accumulation * world)
+    total = params.max_steps or max(1, math.ceil(params.epochs * per_epoch))
     packed = f", packed into {len(units)} rows" if params.packing else ""
     _log(f"{len(samples)} samples{packed}, {preview.stats['tokens']} tokens; {per_epoch} steps per epoch, {total} "
-         f"steps (micro batch {params.micro_batch_size} x accumulation {accumulation}).")
+         f"steps (micro batch {params.micro_batch_size} x accumulation {accumulation} x processes {world}).")
 
     # ---- model, adapter, optimiser, schedule ------------------------------------------------
     checkpoint = find_checkpoint(run_dir, resume) if resume is not None else None
@@ -273,19 +352,27 @@ def train_run(run_dir: Path, resume: str | None = None):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     _log(f"Trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}.")
+    peft_model = model  # what is saved; `model` may become its DistributedDataParallel wrapper
+    if dist_info.enabled:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
     scheduler = get_scheduler(params.lr_scheduler_type, optimizer, num_warmup_steps=params.warmup_steps,
                               num_training_steps=total)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, optimizer, scheduler)
-        truncate_metrics_after(run_dir, state["step"])
+        if main:
+            truncate_metrics_after(run_dir, state["step"])
         _log(f"Resumed from {checkpoint.name} at step {state['step']}.")
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    update_status(run_dir, step=state["step"], total_steps=total, message=None,
-                  resumed_from=checkpoint.name if checkpoint else None)
+    dist_info.barrier()  # every rank has read the stop file's absence and the checkpoint before rank 0 changes them
+    if main:
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+        update_status(run_dir, step=state["step"], total_steps=total, message=None, world_size=world,
+                      resumed_from=checkpoint.name if checkpoint else None)
+    dist_info.barrier()
 
-    metrics = MetricsWriter(run_dir / METRICS_FILE)
+    metrics = MetricsWriter(run_dir / METRICS_FILE) if main else None
     pad_id = tokenizer.pad_token_id
     schedule_epoch, schedule = -1, []
     step, tokens = state["step"], state["tokens"]
@@ -298,21 +385,31 @@ def train_run(run_dir: Path, resume: str | None = None):
         step_started = time.perf_counter()
         epoch_index, position = divmod(step, per_epoch)
         if epoch_index != schedule_epoch:
-            schedule = batching.epoch_schedule(lengths, params.micro_batch_size, accumulation, params.seed,
+            schedule = batching.epoch_schedule(lengths, params.micro_batch_size, accumulation * world, params.seed,
                                                epoch_index, params.group_by_length)
             schedule_epoch = epoch_index
+        step_batches = schedule[position]
+        # This process's share of the step; a process left without one (the epoch's last, short step) runs
+        # a batch with zero weight so that every process takes part in the gradient averaging.
+        mine = step_batches[dist_info.rank::world]
+        weights = [1.0] * len(mine) or [0.0]
+        mine = mine or step_batches[:1]
         micro_batches = [batching.collate([[samples[i] for i in units[u]] for u in unit_indices], pad_id, device)
-                         for unit_indices in schedule[position]]
-        # The step's loss is the mean over every trained token of the whole (accumulated) batch.
-        targets = sum(batching.trained_targets(b["labels"]) for b in micro_batches)
-        loss_total = 0.0
-        for batch in micro_batches:
-            loss = causal_lm_loss_sum(model, batch) / max(targets, 1)
-            loss.backward()
-            loss_total += float(loss.detach())
-            batch_tokens = batch["real_tokens"]
-            tokens += batch_tokens
-            window_tokens += batch_tokens
+                         for unit_indices in mine]
+        # The step's loss is the mean over every trained token of the whole global batch. DDP averages
+        # gradients over processes, so each process scales its sum by the world size.
+        targets = dist_info.sum(sum(batching.trained_targets(b["labels"]) * w for b, w in zip(micro_batches, weights)))
+        loss_local = 0.0
+        for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync()
+            with sync:
+                loss = causal_lm_loss_sum(model, batch) * (weight * world / max(targets, 1))
+                loss.backward()
+            loss_local += float(loss.detach()) / world
+            tokens_here = batch["real_tokens"] if weight else 0
+            window_tokens += tokens_here
+        loss_total = dist_info.sum(loss_local)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm or float("inf"))
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -320,53 +417,69 @@ def train_run(run_dir: Path, resume: str | None = None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         recent_step_times = (recent_step_times + [time.perf_counter() - step_started])[-20:]
+        stopping = dist_info.any(bool(stop))  # every process stops after the same step
 
         if problem := loss_problem(loss_total, step):
-            _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens,
-                              0.0, time.perf_counter() - started, 0.0)
-            update_status(run_dir, step=step)
+            if main:
+                _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm,
+                                  tokens + dist_info.sum(window_tokens), 0.0, time.perf_counter() - started, 0.0)
+                update_status(run_dir, step=step)
             raise DashboardError(problem)
 
-        if step % params.logging_steps == 0 or step == total or stop:
+        if step % params.logging_steps == 0 or step == total or stopping:
             now = time.perf_counter()
-            speed = window_tokens / max(now - window_start, 1e-9)
+            window_all = int(dist_info.sum(window_tokens))
+            tokens += window_all
+            speed = window_all / max(now - window_start, 1e-9)
             eta = (total - step) * sum(recent_step_times) / len(recent_step_times)
-            _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens, speed,
-                              now - started, eta)
-            _log(f"step {step}/{total} loss {loss_total:.4f} lr {learning_rate:.3g} {speed:.0f} tok/s eta {eta:.0f}s")
+            if main:
+                _write_train_line(metrics, step, total, per_epoch, loss_total, learning_rate, grad_norm, tokens,
+                                  speed, now - started, eta)
+                update_status(run_dir, step=step, total_steps=total, epoch=step / per_epoch)
+                _log(f"step {step}/{total} loss {loss_total:.4f} lr {learning_rate:.3g} {speed:.0f} tok/s "
+                     f"eta {eta:.0f}s")
             window_start, window_tokens = now, 0
-            update_status(run_dir, step=step, total_steps=total, epoch=step / per_epoch)
 
         if eval_samples and (step % params.eval_steps == 0 or step == total):
-            eval_loss = evaluate(model, eval_samples, params.micro_batch_size, pad_id, device)
-            metrics.write({"step": step, "total_steps": total, "epoch": step / per_epoch, "eval_loss": eval_loss,
-                           "eval_perplexity": math.exp(min(eval_loss, 700))})
-            _log(f"step {step}: eval loss {eval_loss:.4f}")
+            if main:
+                eval_loss = evaluate(peft_model, eval_samples, params.micro_batch_size, pad_id, device)
+                metrics.write({"step": step, "total_steps": total, "epoch": step / per_epoch,
+                               "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700))})
+                _log(f"step {step}: eval loss {eval_loss:.4f}")
+            dist_info.barrier()
 
         if params.stop_at_loss and loss_total < params.stop_at_loss:
             reason = f"the loss {loss_total:.4f} fell below stop-at-loss {params.stop_at_loss}"
             break
-        if stop:
+        if stopping:
             end_state, reason = "stopped", "a stop was requested"
             break
         if params.save_steps and step % params.save_steps == 0 and step < total:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                            {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
-                             "total_steps": total})
-            _log(f"saved checkpoint-{step}")
+            tokens_to_save = tokens + int(dist_info.sum(window_tokens))
+            if main:
+                save_checkpoint(run_dir, step, peft_model, optimizer, scheduler,
+                                {"step": step, "tokens": tokens_to_save, "elapsed_s": time.perf_counter() - started,
+                                 "total_steps": total})
+                _log(f"saved checkpoint-{step}")
+            tokens, window_tokens = tokens_to_save, 0
+            window_start = time.perf_counter()
+            dist_info.barrier()
 
     # ---- the end: adapter (and a checkpoint to resume from, when stopped early) -------------------
-    if end_state == "stopped" and step < total:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                        {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
-                         "total_steps": total})
-    model.save_pretrained(run_dir)
-    metrics.close()
-    _log(f"Run {end_state} at step {step}/{total}: {reason}. Adapter saved in {run_dir}.")
-    update_status(run_dir, state=end_state, step=step, total_steps=total, finished_at=now_iso(), reason=reason,
-                  error=None)
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    return model
+    tokens += int(dist_info.sum(window_tokens))
+    if main:
+        if end_state == "stopped" and step < total:
+            save_checkpoint(run_dir, step, peft_model, optimizer, scheduler,
+                            {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
+                             "total_steps": total})
+        peft_model.save_pretrained(run_dir)
+        metrics.close()
+        _log(f"Run {end_state} at step {step}/{total}: {reason}. Adapter saved in {run_dir}.")
+        update_status(run_dir, state=end_state, step=step, total_steps=total, finished_at=now_iso(), reason=reason,
+                      error=None)
+        (run_dir / STOP_FILE).unlink(missing_ok=True)
+    dist_info.barrier()
+    return peft_model
 
 
 def _write_train_line(metrics, step, total, per_epoch, loss, learning_rate, grad_norm, tokens, speed, elapsed, eta):

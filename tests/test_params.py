@@ -1,0 +1,283 @@
+"""TrainingParameters: round trips, webui-style values, validation naming the field, and robustness."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.errors import DashboardError
+from trainer.params import FIELDS, OPTIMIZERS, SCHEDULERS, TrainingParameters, decode_escapes
+
+VALID = dict(lora_name="my-lora_1", dataset="dashboard-instructions", format="alpaca-format")
+
+
+def valid(**changes) -> TrainingParameters:
+    return TrainingParameters(**{**VALID, **changes})
+
+
+def error_of(params: TrainingParameters, require_name: bool = True) -> DashboardError:
+    with pytest.raises(DashboardError) as info:
+        params.validate(require_name)
+    return info.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trips
+
+
+def test_defaults_validate_once_named_and_given_data():
+    params = valid()
+    assert params.validate() is params
+    assert params.problems() == []
+    assert error_of(TrainingParameters()).field in ("lora_name", "dataset")
+
+
+def test_round_trip_through_dict_and_file(tmp_path):
+    params = valid(learning_rate=1e-4, cutoff_len=512, overlap_len=64, hard_cut_string="###", add_bos_token=True,
+                   target_modules="custom", custom_target_modules="q_proj, gate_proj", epochs=1.5,
+                   train_only_after="Assistant:", lr_scheduler_type="cosine", seed=123, max_steps=7)
+    data = params.to_dict()
+    assert set(data) == set(FIELDS)
+    assert TrainingParameters.from_dict(data) == params
+    assert TrainingParameters.from_dict(json.loads(json.dumps(data))) == params
+    path = tmp_path / "training_parameters.json"
+    params.write(path)
+    assert json.loads(path.read_text(encoding="utf-8")) == data
+    assert TrainingParameters.from_file(path) == params
+    assert [p.name for p in tmp_path.iterdir()] == ["training_parameters.json"]  # no temp file left
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_round_trip_of_random_valid_values(data):
+    values = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        kind = f.type
+        if meta.get("choices"):
+            values[name] = data.draw(st.sampled_from(meta["choices"]))
+        elif kind == "bool":
+            values[name] = data.draw(st.booleans())
+        elif kind == "int":
+            values[name] = data.draw(st.integers(int(meta["min"]), int(meta["max"])))
+        elif kind == "float":
+            values[name] = data.draw(st.floats(meta["min"], meta["max"], allow_nan=False))
+        else:
+            values[name] = data.draw(st.text(max_size=20))
+    params = TrainingParameters.from_dict(values)
+    assert params.to_dict() == values
+    assert TrainingParameters.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+
+
+def test_from_file_errors(tmp_path):
+    with pytest.raises(DashboardError, match="No training parameters"):
+        TrainingParameters.from_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope", encoding="utf-8")
+    with pytest.raises(DashboardError, match="not valid JSON"):
+        TrainingParameters.from_file(bad)
+    bad.write_bytes(b'{"lora_name": "caf\xe9"}')
+    with pytest.raises(DashboardError, match="not valid JSON"):
+        TrainingParameters.from_file(bad)
+    bad.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(DashboardError, match="must be a JSON object"):
+        TrainingParameters.from_file(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Webui-style values
+
+
+def test_reads_webui_style_values():
+    data = {
+        "lora_name": "webui-lora", "always_override": False, "save_steps": 0.0, "micro_batch_size": "4",
+        "batch_size": 128, "epochs": "3", "learning_rate": "3e-4", "lr_scheduler_type": "linear",
+        "lora_rank": "32", "lora_alpha": 64.0, "lora_dropout": "0.05", "cutoff_len": "256", "dataset": "alpaca-data",
+        "format": "alpaca-format", "eval_steps": 100.0, "overlap_len": 128, "newline_favor_len": "128",
+        "warmup_steps": 100.0, "optimizer": "adamw_torch", "hard_cut_string": "\\n\\n\\n", "train_only_after": "",
+        "stop_at_loss": 0, "add_eos_token": "false", "add_bos_token": "true", "min_chars": 0.0,
+        "higher_rank_limit": False, "report_to": "None",
+        "q_proj_en": True, "v_proj_en": True, "k_proj_en": False, "o_proj_en": False,
+        "gate_proj_en": False, "down_proj_en": False, "up_proj_en": False,
+    }
+    params = TrainingParameters.from_dict(data)
+    assert params.learning_rate == 3e-4 and isinstance(params.learning_rate, float)
+    assert params.cutoff_len == 256 and isinstance(params.cutoff_len, int)
+    assert params.micro_batch_size == 4 and params.lora_rank == 32 and params.lora_alpha == 64
+    assert params.save_steps == 0 and isinstance(params.save_steps, int)
+    assert params.epochs == 3.0 and params.lora_dropout == 0.05
+    assert params.add_eos_token is False and params.add_bos_token is True
+    assert params.target_modules == "q-v"
+    assert params.lora_target_modules() == ["q_proj", "v_proj"]
+    assert params.hard_cut == "\n\n\n"
+    assert params.validate() is params
+    assert params.gradient_accumulation_steps == 32
+
+
+@pytest.mark.parametrize("flags, choice, custom", [
+    ({"q_proj_en": "true", "k_proj_en": "true", "v_proj_en": "True", "o_proj_en": True}, "q-k-v-o", ""),
+    ({"q_proj_en": True, "v_proj_en": True, "gate_proj_en": True, "k_proj_en": False}, "custom",
+     "q_proj,v_proj,gate_proj"),
+    ({"q_proj_en": True, "v_proj_en": "false"}, "custom", "q_proj"),
+])
+def test_webui_target_flags(flags, choice, custom):
+    params = TrainingParameters.from_dict({**VALID, **flags})
+    assert params.target_modules == choice
+    assert params.custom_target_modules == custom
+    params.validate()
+
+
+def test_explicit_target_modules_beat_webui_flags():
+    params = TrainingParameters.from_dict({**VALID, "target_modules": "all-linear", "q_proj_en": True})
+    assert params.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("name, value", [
+    ("learning_rate", "fast"), ("learning_rate", [3e-4]), ("cutoff_len", "12.5"), ("cutoff_len", True),
+    ("cutoff_len", 3.5), ("add_eos_token", "maybe"), ("add_eos_token", 2), ("lora_name", {"a": 1}),
+    ("epochs", "three"), ("seed", "1e999"),
+])
+def test_unreadable_values_name_their_field(name, value):
+    with pytest.raises(DashboardError) as info:
+        TrainingParameters.from_dict({**VALID, name: value})
+    assert info.value.field == name
+    assert name in info.value.message
+
+
+def test_escapes_of_the_hard_cut_string():
+    assert decode_escapes("\\n\\n\\n") == "\n\n\n"
+    assert decode_escapes("a\\tb\\\\n\\q") == "a\tb\\n\\q"
+    assert decode_escapes("###") == "###"
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation names the field
+
+
+def test_overlap_only_matters_for_raw_text():
+    assert valid(cutoff_len=64, overlap_len=128).problems() == []
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(dataset="", raw_text_file="guide.txt", cutoff_len=128, overlap_len=128), "overlap_len"),
+    (dict(dataset="", raw_text_file="guide.txt", cutoff_len=128, overlap_len=500), "overlap_len"),
+    (dict(batch_size=6, micro_batch_size=4), "batch_size"),
+    (dict(lora_rank=0), "lora_rank"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(learning_rate=math.nan), "learning_rate"),
+    (dict(epochs=math.inf), "epochs"),
+    (dict(cutoff_len=4, overlap_len=0), "cutoff_len"),
+    (dict(optimizer="sgdx"), "optimizer"),
+    (dict(lr_scheduler_type="warp"), "lr_scheduler_type"),
+    (dict(overlong_samples="keep"), "overlong_samples"),
+    (dict(target_modules="custom", custom_target_modules=" , "), "custom_target_modules"),
+    (dict(dataset="", raw_text_file=""), "dataset"),
+    (dict(raw_text_file="guide.txt"), "raw_text_file"),
+    (dict(base_model="  "), "base_model"),
+])
+def test_validation_errors_name_the_field(changes, field):
+    params = valid(**changes)
+    error = error_of(params)
+    assert error.field == field
+    assert [p.field for p in params.problems()] == [field]
+
+
+@pytest.mark.parametrize("name", ["../x", ".git", "CON", "con.txt", "LPT1", "a/b", "a\\b", "", "   ", "x\x00y",
+                                  "semi;colon", "x" * 101])
+def test_bad_lora_names(name):
+    error = error_of(valid(lora_name=name))
+    assert error.field == "lora_name"
+    # the preview does not need a name
+    valid(lora_name=name).validate(require_name=False)
+
+
+@pytest.mark.parametrize("name", ["my-lora", "My LoRA 2", "v1.0_final", "x" * 100])
+def test_good_lora_names(name):
+    valid(lora_name=name).validate()
+
+
+def test_every_problem_is_reported_at_once():
+    params = valid(dataset="", raw_text_file="guide.txt", lora_rank=0, overlap_len=300, cutoff_len=256, batch_size=5, micro_batch_size=2)
+    fields = [p.field for p in params.problems()]
+    assert set(fields) == {"lora_rank", "overlap_len", "batch_size"}
+    error = error_of(params)
+    assert error.field == fields[0]
+    assert "lora_rank" in error.message and "Overlap" in error.message and "Batch size" in error.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: anything JSON can hold either loads and validates or raises DashboardError
+
+
+json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats() | st.text(max_size=12)
+                | st.sampled_from(["3e-4", "256", "-1", "0", "1.0", "true", "false", "True", "nan", "inf", "-inf",
+                                   "1e999", " 7 ", "", "None", "0x10", "1_000"]))
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+field_names = st.sampled_from(sorted(FIELDS) + ["q_proj_en", "v_proj_en", "k_proj_en", "gate_proj_en", "nope"])
+choice_values = st.sampled_from(SCHEDULERS + OPTIMIZERS + ["q-v", "custom", "all-linear", "drop", "4bit", "nf4"])
+
+
+def check_loads_or_dashboard_error(data) -> None:
+    try:
+        params = TrainingParameters.from_dict(data)
+    except DashboardError as exc:
+        assert exc.message
+        return
+    for require_name in (True, False):
+        try:
+            params.validate(require_name)
+        except DashboardError as exc:
+            assert exc.field is None or exc.field in FIELDS
+            assert exc.message
+    for problem in params.problems(require_name=False):
+        assert problem.field in FIELDS
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=json_values)
+def test_any_json_value_loads_or_raises_dashboard_error(data):
+    check_loads_or_dashboard_error(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.dictionaries(field_names, json_values | choice_values, max_size=12))
+def test_any_values_for_the_real_fields_load_or_raise_dashboard_error(data):
+    check_loads_or_dashboard_error(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.sampled_from(sorted(FIELDS)), value=json_values)
+def test_a_bad_value_names_its_field(name, value):
+    try:
+        params = TrainingParameters.from_dict({**VALID, name: value})
+    except DashboardError as exc:
+        assert exc.field == name
+        return
+    for problem in params.problems():
+        assert problem.field in FIELDS
+
+
+def test_huge_integers_are_a_dashboard_error():
+    params = TrainingParameters.from_dict({**VALID, "cutoff_len": 10**400})
+    with pytest.raises(DashboardError) as info:
+        params.validate()
+    assert info.value.field == "cutoff_len"
+
+
+def test_webui_none_means_not_chosen():
+    params = TrainingParameters.from_dict({"lora_name": "x", "dataset": "None", "format": "None",
+                                           "eval_dataset": "None", "raw_text_file": "guide.txt"})
+    assert params.dataset == "" and params.format == "" and params.eval_dataset == ""
+    assert params.is_raw_text
+    params.validate()
+
+
+def test_fields_have_metadata():
+    for f in dataclasses.fields(TrainingParameters):
+        assert f.metadata["help"] and f.metadata["group"]
