@@ -17,7 +17,7 @@ from trainer.errors import DashboardError
 from trainer.models import list_models
 from trainer.params import FIELDS, GROUPS, TrainingParameters
 from trainer.runfiles import LIVE_STATES, LOG_FILE, PARAMS_FILE, effective_status, read_json, read_metrics, request_stop
-from trainer.runs import launch, list_runs, run_dir_for
+from trainer.runs import launch, list_runs, multi_node_commands, run_dir_for
 from trainer.train import list_checkpoints
 
 GROUP_TITLES = {"basic": "Basic", "data": "Data", "lora": "LoRA", "optimisation": "Optimisation",
@@ -25,22 +25,35 @@ GROUP_TITLES = {"basic": "Basic", "data": "Data", "lora": "LoRA", "optimisation"
 FLOAT_FORMATS = {"learning_rate": "%.2e", "lora_dropout": "%.2f", "weight_decay": "%.3f"}
 KEY = "tp_"  # widget keys: tp_<parameter name>
 
+@st.cache_resource
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 st.title("Train")
 home_caption()
+gpu_count = visible_gpus()
 
 
 # ---- state: defaults, copied parameters, the Data page's choices ---------------------------------
+# Streamlit forgets a widget's value while another page runs, so the form lives in "train_form" and the
+# widgets (keys tp_<name>) are filled from it whenever they are missing.
 def load_into_form(values: dict) -> None:
     params = TrainingParameters.from_dict(values)
+    st.session_state["train_form"] = params.to_dict()
     for name, value in params.to_dict().items():
         st.session_state[KEY + name] = value
 
 
-if "tp_initialised" not in st.session_state:
-    defaults = TrainingParameters().to_dict()
-    defaults.update(st.session_state.get("data_options", {}))
-    load_into_form(defaults)
-    st.session_state["tp_initialised"] = True
+if "train_form" not in st.session_state:
+    initial = TrainingParameters().to_dict()
+    initial.update(st.session_state.get("data_options", {}))
+    st.session_state["train_form"] = TrainingParameters.from_dict(initial).to_dict()
+for _name, _value in st.session_state["train_form"].items():
+    if KEY + _name not in st.session_state:
+        st.session_state[KEY + _name] = _value
 
 runs = list_runs()
 with st.sidebar:
@@ -106,6 +119,8 @@ for group, tab in zip(GROUPS, tabs):
         for i, name in enumerate(names):
             with columns[i % 3]:
                 field_widget(name, slots)
+        if group == "optimisation" and gpu_count > 1:
+            st.caption(f"{gpu_count} GPUs are visible: set processes to {gpu_count} to use them all.")
         if group == "advanced" and st.session_state.get(KEY + "trust_remote_code"):
             st.warning("Trust remote code runs Python code from the model folder in the trainer. Tick it only for "
                        "a model you trust.")
@@ -114,6 +129,7 @@ for group, tab in zip(GROUPS, tabs):
                     "precision (prepare_model_for_kbit_training).")
 
 values = {name: st.session_state.get(KEY + name) for name in FIELDS}
+st.session_state["train_form"] = values
 try:
     params = TrainingParameters.from_dict(values)
     problems = params.problems()
@@ -198,6 +214,25 @@ if mode == "resume" and existing is not None:
     else:
         st.error(f"{name} has no checkpoint to resume from.")
         mode = "none"
+
+with st.expander("More than one machine"):
+    st.caption("For a run folder on storage every machine sees at the same path: start the run on each machine "
+               "with its command (node 0 hosts the rendezvous), then follow it below like any other run. "
+               "The batch size is the global batch: micro batch x accumulation x all processes.")
+    c1, c2, c3 = st.columns(3)
+    nodes = c1.number_input("Machines", min_value=2, max_value=64, value=2, key="mn_nodes")
+    per_node = c2.number_input("Processes (GPUs) per machine", min_value=1, max_value=16, value=gpu_count or 1,
+                               key="mn_per_node")
+    endpoint = c3.text_input("Node 0 address:port", value="node0:29500", key="mn_endpoint")
+    if name and not any(p.field == "lora_name" for p in problems):
+        st.code("\n".join(f"# machine {i}\n{cmd}" for i, cmd in enumerate(
+            multi_node_commands(run_dir_for(name), int(nodes), int(per_node), endpoint))), language="bash")
+        if params is not None and not (run_dir_for(name) / PARAMS_FILE).exists():
+            if st.button("Write the run folder for these machines", disabled=bool(problems)):
+                run_dir_for(name).mkdir(parents=True, exist_ok=False)
+                stored = TrainingParameters.from_dict({**params.to_dict(), "num_processes": int(nodes * per_node)})
+                stored.write(run_dir_for(name) / PARAMS_FILE)
+                st.success(f"Wrote {run_dir_for(name) / PARAMS_FILE}; run the commands above.")
 
 can_start = params is not None and not problems and plan_ok and mode != "none"
 if st.button("Start training", type="primary", disabled=not can_start):

@@ -484,10 +484,7 @@ def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Pr
             source=source,
             truncated=is_truncated,
         ))
-    if not samples:
-        raise DashboardError(
-            f"No sample to train on in {dataset_path.name}: all {len(rows)} rows were unmatched or dropped "
-            f"(first reason: {problems[0].reason if problems else 'none'}).")
+    # No sample at all is not an error here: the preview lists every problem row; a run refuses to start.
     stats = _stats(samples, params.cutoff_len)
     stats.update(rows=len(rows), unmatched_rows=sum(p.reason.startswith("unmatched") for p in problems),
                  chat_rows_skipped=sum(p.reason.startswith("chat row") for p in problems),
@@ -524,6 +521,14 @@ def build_samples(params, tokenizer, dataset: str | None = None) -> Preview:
         raw = type(params).from_dict({**params.to_dict(), "raw_text_file": str(path), "dataset": ""})
         return build_raw_samples(raw, tokenizer)
     return build_formatted_samples(params, tokenizer, dataset)
+
+
+def no_samples_error(preview: Preview) -> DashboardError | None:
+    """The error a run raises when nothing is left to train on."""
+    if preview.samples:
+        return None
+    first = preview.problems[0].reason if preview.problems else "none"
+    return DashboardError(f"No sample to train on: every row was unmatched or dropped (first reason: {first}).")
 
 
 def unmatched_rows_error(preview: Preview) -> DashboardError | None:

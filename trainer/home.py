@@ -88,25 +88,27 @@ def resolve_user_path(value: str, kind: str) -> Path:
 
     Absolute paths are taken as they are; relative ones are relative to the home folder; a bare
     webui-style name (`alpaca-data`) is looked up in `datasets/` or `formats/` with its ending.
-    `kind` is "dataset", "format" or "model".
+    `kind` is "dataset", "format", "lora" or "model".
     """
     if "\x00" in value:
         raise DashboardError(f"The {kind} path contains a NUL byte.")
     path = Path(value).expanduser()
     if path.is_absolute():
         return path
-    candidate = home_dir() / path
-    if candidate.exists():
-        return candidate
     if kind == "dataset":
         folders, endings = [datasets_dir()], ("", ".json", ".jsonl", ".txt")
     elif kind == "format":
         folders, endings = formats_dirs(), ("", ".json")
+    elif kind == "lora":
+        folders, endings = [loras_dir()], ("",)
     else:
         folders, endings = [models_dir()], ("", ".gguf")
-    for folder in folders:
-        for ending in endings:
-            found = folder / (value + ending)
-            if found.exists():
-                return found
-    return candidate
+    # A bare name means the kind's own folder first (so `requirements.txt` as a dataset is never the
+    # checkout's file); a path with folders is relative to the home.
+    if len(path.parts) == 1:
+        for folder in folders:
+            for ending in endings:
+                found = folder / (value + ending)
+                if found.exists():
+                    return found
+    return home_dir() / path

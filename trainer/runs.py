@@ -60,6 +60,34 @@ def backup_name(run_dir: Path) -> Path:
     return candidate
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def trainer_command(run_dir: Path, processes: int = 1) -> list[str]:
+    """The trainer's command line: plain python for one process, torchrun for several on this machine."""
+    if processes <= 1:
+        return [sys.executable, "-m", "trainer", "train", "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            "-m", "trainer", "train", "--run-dir", str(run_dir)]
+
+
+def multi_node_commands(run_dir: Path, nodes: int, processes_per_node: int, endpoint: str) -> list[str]:
+    """The command to run on each machine for a run folder on shared storage (node 0 hosts the rendezvous)."""
+    commands = []
+    for node in range(nodes):
+        commands.append(
+            f"LORA_DASHBOARD_HOME={home_dir()} python -m torch.distributed.run --nnodes {nodes} "
+            f"--node_rank {node} --nproc_per_node {processes_per_node} --rdzv_backend c10d "
+            f"--rdzv_endpoint {endpoint} --rdzv_id {run_dir.name} -m trainer train --run-dir {run_dir}")
+    return commands
+
+
 def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "latest") -> Path:
     """Write the run folder and start `python -m trainer train` in its own process session.
 
@@ -94,7 +122,8 @@ def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "lat
         if mode != "resume":
             params.write(run_dir / PARAMS_FILE)
         (run_dir / STOP_FILE).unlink(missing_ok=True)
-        command = [sys.executable, "-m", "trainer", "train", "--run-dir", str(run_dir)]
+        stored = params if mode != "resume" else TrainingParameters.from_file(run_dir / PARAMS_FILE)
+        command = trainer_command(run_dir, stored.num_processes)
         if mode == "resume":
             from .train import find_checkpoint
 

@@ -309,7 +309,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     from transformers import get_scheduler
 
     from . import batching
-    from .data import build_samples, unmatched_rows_error
+    from .data import build_samples, no_samples_error, unmatched_rows_error
     from .models import load_model, load_tokenizer
     from .params import TrainingParameters
 
@@ -331,6 +331,8 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=_log)
     preview = build_samples(params, tokenizer)
     if not params.skip_unmatched_rows and (problem := unmatched_rows_error(preview)):
+        raise problem
+    if problem := no_samples_error(preview):
         raise problem
     samples = preview.samples
     eval_samples = build_samples(params, tokenizer, params.eval_dataset).samples if params.eval_dataset else []
@@ -388,6 +390,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             schedule = batching.epoch_schedule(lengths, params.micro_batch_size, accumulation * world, params.seed,
                                                epoch_index, params.group_by_length)
             schedule_epoch = epoch_index
+        _injected_fault(dist_info.rank, step)
         step_batches = schedule[position]
         # This process's share of the step; a process left without one (the epoch's last, short step) runs
         # a batch with zero weight so that every process takes part in the gradient averaging.
@@ -480,6 +483,15 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
         (run_dir / STOP_FILE).unlink(missing_ok=True)
     dist_info.barrier()
     return peft_model
+
+
+def _injected_fault(rank: int, step: int) -> None:
+    """Fault injection for the reliability tests: LORA_DASHBOARD_FAULT="RANK:STEP:message" raises there."""
+    fault = os.environ.get("LORA_DASHBOARD_FAULT")
+    if fault:
+        fault_rank, fault_step, message = fault.split(":", 2)
+        if int(fault_rank) == rank and int(fault_step) == step:
+            raise RuntimeError(message)
 
 
 def _write_train_line(metrics, step, total, per_epoch, loss, learning_rate, grad_norm, tokens, speed, elapsed, eta):

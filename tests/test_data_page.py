@@ -1,0 +1,257 @@
+"""The Data page driven through streamlit.testing.v1.AppTest: raw and formatted previews, the errors it
+shows (overlap >= cutoff, non-UTF-8 file, malformed JSON, a format file matching nothing), masked
+tokens, paging and uploads. Every run uses a temporary home folder (the `home` fixture)."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from trainer.data import build_samples
+from trainer.params import TrainingParameters
+
+PAGE = Path(__file__).resolve().parent.parent / "pages" / "data.py"
+
+
+def open_page(**state) -> AppTest:
+    at = AppTest.from_file(str(PAGE), default_timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def samples_html(at: AppTest) -> str:
+    blocks = [h.value for h in at.html if 'class="sample"' in h.value]
+    assert len(blocks) == 1, "the page renders one block of sample cards"
+    return blocks[0]
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def formatted(at: AppTest, dataset: str, fmt: str = "alpaca-format") -> AppTest:
+    at.radio(key="dp_mode").set_value("Formatted JSON").run()
+    at.selectbox(key="dp_dataset_formatted").set_value(dataset)
+    at.selectbox(key="dp_format").set_value(fmt).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def expected(home: Path, tokenizer, **options):
+    return build_samples(TrainingParameters.from_dict(options), tokenizer)
+
+
+# ---- raw text ------------------------------------------------------------------------------------
+def test_raw_preview_shows_the_samples_build_samples_makes(home, tokenizer):
+    at = open_page()
+    at.selectbox(key="dp_dataset_raw").set_value("user-guide.txt").run()
+    want = expected(home, tokenizer, raw_text_file=str(home / "datasets" / "user-guide.txt"))
+    shown = metrics(at)
+    assert number(shown["Samples"]) == want.stats["samples"] > 1
+    assert number(shown["Tokens"]) == want.stats["tokens"]
+    assert number(shown["Max length"]) == want.stats["max_tokens"] <= 256
+    assert number(shown["Dropped blocks"]) == want.stats["dropped_blocks"]
+    cards = samples_html(at)
+    assert cards.count('class="sample"') == min(10, want.stats["samples"])  # default page size
+    assert html.escape(want.samples[0].text.split("\n")[0]) in cards
+    assert f"{want.samples[0].n_tokens} tokens" in cards
+    # The choices are kept for the Train page.
+    options = at.session_state["data_options"]
+    assert options["raw_text_file"] == "user-guide.txt" and options["dataset"] == ""
+    assert options["cutoff_len"] == 256 and options["base_model"] == "SmolLM2-135M-Instruct"
+    assert len(at.get("vega_lite_chart")) == 1  # the length histogram
+
+
+def test_cutoff_and_overlap_change_the_chunks_and_overlap_is_highlighted(home, tokenizer):
+    at = open_page()
+    at.selectbox(key="dp_dataset_raw").set_value("user-guide.txt").run()
+    before = number(metrics(at)["Samples"])
+    at.number_input(key="dp_cutoff_len").set_value(64)
+    at.number_input(key="dp_overlap_len").set_value(16).run()
+    assert not errors(at)
+    want = expected(home, tokenizer, raw_text_file=str(home / "datasets" / "user-guide.txt"), cutoff_len=64,
+                    overlap_len=16)
+    after = number(metrics(at)["Samples"])
+    assert after == want.stats["samples"] > before
+    assert number(metrics(at)["Max length"]) <= 64
+    assert at.session_state["data_options"]["cutoff_len"] == 64
+
+    # A chunk that continues a block shows the tokens it shares with the previous chunk highlighted,
+    # and those tokens are the end of the previous chunk's text.
+    at.selectbox(key="dp_page_size").set_value(25).run()
+    cards = samples_html(at)
+    overlaps = re.findall(r'<span class="tok-overlap"[^>]*>(.*?)</span>', cards, flags=re.S)
+    assert overlaps, "no overlapping chunk on the first page"
+    first = next(i for i, s in enumerate(want.samples) if s.overlap)
+    assert f"overlap {want.samples[first].overlap} with the previous chunk" in cards
+    shared = html.unescape(overlaps[0]).strip()
+    assert shared and shared in want.samples[first - 1].text
+
+
+def test_overlap_not_below_cutoff_is_an_error_naming_overlap(home):
+    at = open_page()
+    at.number_input(key="dp_cutoff_len").set_value(128)
+    at.number_input(key="dp_overlap_len").set_value(128).run()
+    assert any("Overlap length (128)" in e for e in errors(at)), errors(at)
+    assert not at.metric, "no preview while the options are invalid"
+    kept = at.session_state["data_options"]  # the last options that previewed, not the invalid ones
+    assert (kept["cutoff_len"], kept["overlap_len"]) == (256, 128)
+
+    # Below the cutoff but not below cutoff minus the EOS token: the trainer's own check reaches the page.
+    at.number_input(key="dp_overlap_len").set_value(127).run()
+    assert any("Overlap length (127)" in e and "BOS/EOS" in e for e in errors(at)), errors(at)
+    assert at.session_state["data_options"]["cutoff_len"] == 256
+    at.checkbox(key="dp_add_eos_token").uncheck().run()
+    assert not errors(at) and metrics(at)["Samples"]
+
+
+def test_non_utf8_text_file_names_the_byte_offset(home):
+    (home / "datasets" / "latin1.txt").write_bytes(b"ok\xff\xfe")
+    at = open_page()
+    at.selectbox(key="dp_dataset_raw").set_value("latin1.txt").run()
+    assert any("byte offset 2" in e and "latin1.txt" in e for e in errors(at)), errors(at)
+    assert not at.metric
+
+
+def test_paging_shows_one_page_of_samples(home):
+    at = open_page()
+    at.selectbox(key="dp_dataset_raw").set_value("user-guide.txt").run()
+    total = int(number(metrics(at)["Samples"]))
+    at.selectbox(key="dp_page_size").set_value(5).run()
+    assert samples_html(at).count('class="sample"') == 5
+    at.number_input(key="dp_page").set_value(2).run()
+    cards = samples_html(at)
+    assert cards.count('class="sample"') == min(5, total - 5)
+    assert "<b>#6</b>" in cards and "<b>#5</b>" not in cards
+
+
+# ---- formatted data ------------------------------------------------------------------------------
+def test_formatted_preview_reports_the_two_odd_rows(home, tokenizer):
+    at = formatted(open_page(), "dashboard-instructions.json")
+    want = build_samples(TrainingParameters.from_dict({
+        "dataset": str(home / "datasets" / "dashboard-instructions.json"), "format": "alpaca-format"}), tokenizer)
+    shown = metrics(at)
+    assert number(shown["Samples"]) == want.stats["samples"] == number(shown["Rows"]) - 2
+    assert number(shown["Unmatched rows"]) == 2
+    table = at.dataframe[0].value
+    assert len(table) == 2 and list(table["where"]) == [p.where for p in want.problems]
+    assert all(reason.startswith("unmatched") for reason in table["reason"])
+    assert "Problems: 2" in " ".join(m.value for m in at.markdown)
+    assert "### Instruction:" in samples_html(at)
+    options = at.session_state["data_options"]
+    assert options["dataset"] == "dashboard-instructions.json" and options["format"] == "alpaca-format"
+    assert options["raw_text_file"] == ""
+
+
+def test_train_only_after_masks_the_prompt(home):
+    at = formatted(open_page(), "dashboard-instructions.json")
+    assert "tok-masked" not in samples_html(at)
+    at.text_input(key="dp_train_only_after").input("### Response:").run()
+    shown = metrics(at)
+    assert number(shown["Trained tokens"]) < number(shown["Tokens"])
+    cards = samples_html(at)
+    masked = " ".join(re.findall(r'<span class="tok-masked"[^>]*>(.*?)</span>', cards, flags=re.S))
+    trained = " ".join(re.findall(r'<span class="tok-trained"[^>]*>(.*?)</span>', cards, flags=re.S))
+    assert "### Instruction:" in masked and "### Response:" in masked
+    assert "### Instruction:" not in trained and trained.strip()
+
+
+def test_malformed_json_is_an_error(home):
+    (home / "datasets" / "broken.json").write_text('[{"instruction": "a", "output": "b"},', encoding="utf-8")
+    at = formatted(open_page(), "broken.json")
+    assert any("broken.json is not valid JSON" in e for e in errors(at)), errors(at)
+    assert not at.metric
+
+
+def test_format_file_matching_few_rows_lists_the_others_as_problems(home):
+    formats = home / "formats"
+    formats.mkdir()
+    (formats / "qa-format.json").write_text(json.dumps({"question,answer": "Q: %question%\nA: %answer%"}))
+    (formats / "nothing-format.json").write_text(json.dumps({"prompt,completion": "%prompt%%completion%"}))
+    at = formatted(open_page(), "dashboard-instructions.json", "qa-format")
+    shown = metrics(at)
+    assert number(shown["Samples"]) == 1
+    assert number(shown["Unmatched rows"]) == number(shown["Rows"]) - 1
+    table = at.dataframe[0].value
+    assert len(table) == number(shown["Rows"]) - 1
+    assert table.iloc[0]["where"] == "row 0" and table.iloc[0]["fields"] == "instruction, output"
+    # No row matches at all: every row is listed as a problem, not a crash.
+    at.selectbox(key="dp_format").set_value("nothing-format").run()
+    assert not at.exception
+    shown = metrics(at)
+    assert number(shown["Samples"]) == 0
+    assert number(shown["Unmatched rows"]) == number(shown["Rows"])
+    assert len(at.dataframe[0].value) == number(shown["Rows"])
+
+
+# ---- uploads -------------------------------------------------------------------------------------
+def test_upload_writes_into_datasets_and_never_overwrites_silently(home):
+    at = open_page()
+    at.file_uploader[0].set_value(("notes.txt", b"First line.\nSecond line.\n", "text/plain")).run()
+    at.button(key="dp_up_save").click().run()
+    assert (home / "datasets" / "notes.txt").read_bytes() == b"First line.\nSecond line.\n"
+    assert at.selectbox(key="dp_dataset_raw").value == "notes.txt"
+    assert number(metrics(at)["Samples"]) == 1
+    assert any("Saved datasets/notes.txt" in s.value for s in at.success)
+    assert not [t for t in at.text_input if t.label == "Save as"], "the uploader is emptied after saving"
+
+    guide = home / "datasets" / "user-guide.txt"
+    original = guide.read_bytes()
+    at.file_uploader[0].set_value(("user-guide.txt", b"replacement text", "text/plain")).run()
+    assert any("already exists" in w.value for w in at.warning)
+    assert at.button(key="dp_up_save").disabled
+    assert guide.read_bytes() == original
+    replace = [c for c in at.checkbox if c.label == "Replace the existing file"][0]
+    replace.check().run()
+    at.button(key="dp_up_save").click().run()
+    assert guide.read_bytes() == b"replacement text"
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", ".hidden.txt", "data.csv", "nul\x00.txt"])
+def test_upload_refuses_unsafe_names(home, name):
+    before = sorted(p.name for p in (home / "datasets").iterdir())
+    at = open_page()
+    at.file_uploader[0].set_value(("fine.txt", b"text", "text/plain")).run()
+    [box] = [t for t in at.text_input if t.label == "Save as"]
+    box.input(name).run()
+    at.button(key="dp_up_save").click().run()
+    assert errors(at), "an unsafe name must be refused with a message"
+    assert not (home / "escape.txt").exists() and not (home / "datasets" / name).exists()
+    assert sorted(p.name for p in (home / "datasets").iterdir()) == before
+
+
+# ---- with the other pages ------------------------------------------------------------------------
+def test_settings_go_to_the_train_page_and_survive_a_page_switch(home):
+    at = AppTest.from_file(str(PAGE.parent.parent / "app.py"), default_timeout=60).run()
+    assert [t.value for t in at.title] == ["Data"]  # the default page
+    at.radio(key="dp_mode").set_value("Formatted JSON").run()
+    at.text_input(key="dp_train_only_after").input("### Response:").run()
+    [use] = [b for b in at.button if b.label == "Use these settings on the Train page"]
+    use.click().run()
+    assert not at.exception, at.exception
+    assert [t.value for t in at.title] == ["Train"]
+    assert at.session_state["tp_dataset"] == "dashboard-instructions.json"
+    assert at.session_state["tp_raw_text_file"] == ""
+    assert at.session_state["tp_format"] == "alpaca-format"
+    assert at.session_state["tp_train_only_after"] == "### Response:"
+    # Back on the Data page, its choices are still there although Streamlit drops unrendered widgets.
+    at.switch_page("pages/data.py").run()
+    assert at.radio(key="dp_mode").value == "Formatted JSON"
+    assert at.text_input(key="dp_train_only_after").value == "### Response:"
+    assert "tok-masked" in samples_html(at)

@@ -1,0 +1,80 @@
+"""Several processes through torchrun on the CPU (gloo): same curve as one process, stop, a failing rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer.home import CODE_ROOT
+from trainer.runfiles import read_metrics, request_stop
+from trainer.runs import free_port
+
+from .trainhelpers import metrics_of, run_trainer, status_of, wait_for, write_run
+
+# Dropout off: each process draws its own dropout masks, which a single process would draw differently.
+SAME_AS_ONE = dict(micro_batch_size=2, batch_size=4, lora_dropout=0.0, seed=11)
+
+
+def torchrun(run_dir, processes=2, env_extra=None, background=False):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "trainer", "train", "--run-dir", str(run_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if background:
+        log = open(run_dir / "train.log", "a")
+        return subprocess.Popen(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return subprocess.run(command, cwd=CODE_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_give_the_same_loss_curve_as_one(home):
+    one = write_run(home, "one", max_steps=6, **SAME_AS_ONE)
+    assert run_trainer(one).returncode == 0
+    two = write_run(home, "two", max_steps=6, num_processes=2, **SAME_AS_ONE)
+    result = torchrun(two)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    expected = [r for r in metrics_of(one) if "loss" in r]
+    got = [r for r in metrics_of(two) if "loss" in r]
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"])
+        assert b["tokens"] == a["tokens"], "both processes' tokens are counted once each"
+    status = status_of(two)
+    assert status["state"] == "completed" and status["world_size"] == 2
+    assert (two / "adapter_model.safetensors").is_file()
+
+
+def test_batch_must_divide_by_micro_batch_times_processes(home):
+    run_dir = write_run(home, "uneven", max_steps=2, micro_batch_size=2, batch_size=2)  # 2 % (2 x 2) != 0
+    result = torchrun(run_dir)
+    assert result.returncode != 0
+    assert "micro batch size x processes" in status_of(run_dir)["error"]
+
+
+def test_a_stopped_two_process_run_ends_both_processes(home):
+    run_dir = write_run(home, "stop2", max_steps=3000, num_processes=2, **SAME_AS_ONE)
+    process = torchrun(run_dir, background=True)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and read_metrics(run_dir), timeout=180,
+             what="the first step")
+    request_stop(run_dir)
+    assert process.wait(timeout=120) == 0
+    status = status_of(run_dir)
+    assert status["state"] == "stopped" and status["step"] < 3000
+    assert (run_dir / "adapter_model.safetensors").is_file()
+    leftover = subprocess.run(["pgrep", "-f", f"--run-dir {run_dir}"], capture_output=True, text=True).stdout
+    assert leftover.strip() == "", "no trainer process is left"
+
+
+def test_a_failing_rank_fails_the_run_with_its_message(home):
+    run_dir = write_run(home, "fail2", max_steps=50, num_processes=2, **SAME_AS_ONE)
+    result = torchrun(run_dir, env_extra={"LORA_DASHBOARD_FAULT": "1:3:disk on fire"})
+    assert result.returncode != 0
+    status = status_of(run_dir)
+    assert status["state"] == "failed"
+    assert status["failed_rank"] == 1
+    assert "Rank 1 of 2 failed" in status["error"] and "disk on fire" in status["error"]
