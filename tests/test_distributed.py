@@ -78,3 +78,36 @@ def test_a_failing_rank_fails_the_run_with_its_message(home):
     assert status["state"] == "failed"
     assert status["failed_rank"] == 1
     assert "Rank 1 of 2 failed" in status["error"] and "disk on fire" in status["error"]
+
+
+def test_fsdp_shards_the_model_and_trains_like_one_process(home):
+    """FSDP (FSDP2 on gloo here): the same curve as one process, an adapter PEFT loads, and resume works."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    one = write_run(home, "one", max_steps=4, **SAME_AS_ONE)
+    assert run_trainer(one).returncode == 0
+    sharded = write_run(home, "fsdp", max_steps=4, save_steps=2, num_processes=2, distributed_strategy="fsdp",
+                        **SAME_AS_ONE)
+    result = torchrun(sharded, env_extra={"LORA_DASHBOARD_FAULT": "0:3:stop here"})
+    assert result.returncode != 0 and (sharded / "checkpoint-2").is_dir()
+    command_resume = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                      "127.0.0.1", "--master_port", str(free_port()), "-m", "trainer", "train", "--run-dir",
+                      str(sharded), "--resume"]
+    resumed = subprocess.run(command_resume, cwd=CODE_ROOT, env=dict(os.environ), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    expected = [r for r in metrics_of(one) if "loss" in r]
+    got = [r for r in metrics_of(sharded) if "loss" in r]
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(home / "models" / "tiny-llama")
+    from_one = PeftModel.from_pretrained(base, one).eval()
+    base2 = AutoModelForCausalLM.from_pretrained(home / "models" / "tiny-llama")
+    from_fsdp = PeftModel.from_pretrained(base2, sharded).eval()
+    ids = torch.tensor([[1, 20, 300, 4000]])
+    with torch.no_grad():
+        assert torch.allclose(from_one(input_ids=ids).logits, from_fsdp(input_ids=ids).logits, atol=1e-4)

@@ -91,6 +91,9 @@ class TrainingParameters:
     num_processes: int = _p(
         1, "Processes / GPUs on this machine (torchrun). The batch size is the global batch: "
            "micro batch x accumulation x processes.", "optimisation", 1, 64)
+    distributed_strategy: str = _p(
+        "ddp", "With several processes: ddp (each holds the whole model) or fsdp (the model is sharded across "
+               "them, for models that do not fit one GPU).", "optimisation", choices=["ddp", "fsdp"])
     lr_scheduler_type: str = _p("linear", "Learning-rate schedule (transformers' schedulers).", "optimisation",
                                 choices=SCHEDULERS)
     warmup_steps: int = _p(10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)

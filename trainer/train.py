@@ -155,7 +155,8 @@ def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device) -
     return total / max(count, 1)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer_state: dict, scheduler, state: dict,
+                    adapter_state: dict | None = None) -> Path:
     """Adapter, optimiser, scheduler, RNG and loop state, written to a temp folder then renamed into place."""
     import torch
 
@@ -163,8 +164,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     staging = run_dir / f".{final.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    model.save_pretrained(staging)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    model.save_pretrained(staging, state_dict=adapter_state)
+    torch.save(optimizer_state, staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -176,11 +177,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, state
     return final
 
 
-def load_checkpoint_state(checkpoint: Path, optimizer, scheduler) -> dict:
+def load_checkpoint_state(checkpoint: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
     import torch
 
     # weights_only=True: a checkpoint is data, never code.
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     rng = torch.load(checkpoint / "rng_state.pt", weights_only=True)
     random.setstate(rng["python"])
@@ -188,6 +195,33 @@ def load_checkpoint_state(checkpoint: Path, optimizer, scheduler) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def shard_with_fsdp(peft_model):
+    """FSDP2: every decoder layer, then the whole model, sharded over the processes (for models that do not
+    fit one GPU). Frozen and LoRA parameters are sharded alike; only LoRA ones get gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    layer_classes = set(getattr(peft_model.get_base_model(), "_no_split_modules", None) or [])
+    for module in peft_model.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module)
+    fully_shard(peft_model)
+    return peft_model
+
+
+def full_states(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
+    """(adapter state, optimiser state) as full tensors: a collective under FSDP, so every process calls it."""
+    if not sharded:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    return ({k: v for k, v in weights.items() if "lora_" in k},
+            get_optimizer_state_dict(model, optimizer, options=options))
 
 
 class Distributed:
@@ -355,7 +389,13 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     trainable = [p for p in model.parameters() if p.requires_grad]
     _log(f"Trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}.")
     peft_model = model  # what is saved; `model` may become its DistributedDataParallel wrapper
-    if dist_info.enabled:
+    # FSDP when asked for (the parameter, or `accelerate launch` with an FSDP config); else DDP.
+    sharded = dist_info.enabled and (params.distributed_strategy == "fsdp"
+                                     or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+    if sharded:
+        model = peft_model = shard_with_fsdp(peft_model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+    elif dist_info.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
     optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
@@ -363,7 +403,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
                               num_training_steps=total)
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint, optimizer, scheduler)
+        state = load_checkpoint_state(checkpoint, model, optimizer, scheduler, sharded)
         if main:
             truncate_metrics_after(run_dir, state["step"])
         _log(f"Resumed from {checkpoint.name} at step {state['step']}.")
@@ -405,7 +445,11 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
         loss_local = 0.0
         for i, (batch, weight) in enumerate(zip(micro_batches, weights)):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync()
+            if sharded:
+                model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync()
             with sync:
                 loss = causal_lm_loss_sum(model, batch) * (weight * world / max(targets, 1))
                 loss.backward()
@@ -414,6 +458,8 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             window_tokens += tokens_here
         loss_total = dist_info.sum(loss_local)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -444,8 +490,10 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             window_start, window_tokens = now, 0
 
         if eval_samples and (step % params.eval_steps == 0 or step == total):
-            if main:
+            # Rank 0 evaluates alone, except under FSDP where every forward pass needs every process.
+            if main or sharded:
                 eval_loss = evaluate(peft_model, eval_samples, params.micro_batch_size, pad_id, device)
+            if main:
                 metrics.write({"step": step, "total_steps": total, "epoch": step / per_epoch,
                                "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 700))})
                 _log(f"step {step}: eval loss {eval_loss:.4f}")
@@ -459,10 +507,11 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             break
         if params.save_steps and step % params.save_steps == 0 and step < total:
             tokens_to_save = tokens + int(dist_info.sum(window_tokens))
+            adapter_state, optimizer_state = full_states(model, optimizer, sharded)
             if main:
-                save_checkpoint(run_dir, step, peft_model, optimizer, scheduler,
+                save_checkpoint(run_dir, step, peft_model, optimizer_state, scheduler,
                                 {"step": step, "tokens": tokens_to_save, "elapsed_s": time.perf_counter() - started,
-                                 "total_steps": total})
+                                 "total_steps": total}, adapter_state)
                 _log(f"saved checkpoint-{step}")
             tokens, window_tokens = tokens_to_save, 0
             window_start = time.perf_counter()
@@ -470,12 +519,13 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
 
     # ---- the end: adapter (and a checkpoint to resume from, when stopped early) -------------------
     tokens += int(dist_info.sum(window_tokens))
+    adapter_state, optimizer_state = full_states(model, optimizer, sharded)
     if main:
         if end_state == "stopped" and step < total:
-            save_checkpoint(run_dir, step, peft_model, optimizer, scheduler,
+            save_checkpoint(run_dir, step, peft_model, optimizer_state, scheduler,
                             {"step": step, "tokens": tokens, "elapsed_s": time.perf_counter() - started,
-                             "total_steps": total})
-        peft_model.save_pretrained(run_dir)
+                             "total_steps": total}, adapter_state)
+        peft_model.save_pretrained(run_dir, state_dict=adapter_state)
         metrics.close()
         _log(f"Run {end_state} at step {step}/{total}: {reason}. Adapter saved in {run_dir}.")
         update_status(run_dir, state=end_state, step=step, total_steps=total, finished_at=now_iso(), reason=reason,
