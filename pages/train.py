@@ -14,7 +14,7 @@ from pages.common import get_tokenizer, home_caption, list_dataset_names, list_f
 from trainer import batching
 from trainer.data import build_samples, unmatched_rows_error
 from trainer.errors import DashboardError
-from trainer.models import list_models
+from trainer.models import bitsandbytes_problem, list_models
 from trainer.params import FIELDS, GROUPS, TrainingParameters
 from trainer.runfiles import LIVE_STATES, LOG_FILE, PARAMS_FILE, effective_status, read_json, read_metrics, request_stop
 from trainer.runs import launch, list_runs, multi_node_commands, run_dir_for
@@ -135,6 +135,8 @@ try:
     problems = params.problems()
 except DashboardError as exc:
     params, problems = None, [exc]
+if params is not None and (bnb_message := bitsandbytes_problem(params.precision, params.optimizer)):
+    problems.append(DashboardError(bnb_message, field="precision" if params.precision != "full" else "optimizer"))
 for problem in problems:
     slot = slots.get(problem.field or "")
     (slot or st).error(problem.message)

@@ -158,3 +158,16 @@ def test_launch_follow_stop_and_copy_parameters(home):
     assert fresh.number_input(key="tp_max_steps").value == 5000
     assert fresh.selectbox(key="tp_base_model").value == "tiny-llama"
     assert fresh.text_input(key="tp_lora_name").value == "live-2"
+
+
+def test_quantised_choice_is_refused_before_launch_where_bitsandbytes_cannot_run(home, monkeypatch):
+    from trainer import models
+
+    monkeypatch.setattr(models, "_bitsandbytes_error", lambda: "OSError: no native library")
+    at = open_page()
+    fill_basic(at)
+    assert not start_button(at).disabled
+    at.selectbox(key="tp_precision").select("4bit")
+    at.run()
+    assert any("4bit base model needs bitsandbytes" in e for e in errors(at)), errors(at)
+    assert start_button(at).disabled

@@ -344,7 +344,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
 
     from . import batching
     from .data import build_samples, no_samples_error, unmatched_rows_error
-    from .models import load_model, load_tokenizer
+    from .models import bitsandbytes_problem, load_model, load_tokenizer
     from .params import TrainingParameters
 
     dist_info = dist_info or Distributed()
@@ -355,6 +355,8 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     if params.batch_size % (params.micro_batch_size * world):
         raise DashboardError(f"Batch size ({params.batch_size}) must be a multiple of micro batch size x processes "
                              f"({params.micro_batch_size} x {world}): it is the global batch.", field="batch_size")
+    if bnb_message := bitsandbytes_problem(params.precision, params.optimizer):
+        raise DashboardError(bnb_message, field="precision")
     device = dist_info.start()
     if device == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
