@@ -200,3 +200,32 @@ def attach_adapter(model, adapter_dir: Path | str):
             f"The adapter in {adapter_dir.name} does not fit this base model (it was trained on another one: rank or "
             f"shape mismatch). Choose the base model it was trained on. ({str(exc).splitlines()[0][:200]})",
             field="lora") from None
+
+
+BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+@lru_cache(maxsize=None)
+def _bitsandbytes_error() -> str | None:
+    try:
+        import torch
+        import bitsandbytes.functional as bnb_functional
+
+        # Quantising a small matrix proves the native library loaded for this device, not only the package.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bnb_functional.quantize_4bit(torch.ones(64, 64, device=device))
+    except Exception as exc:  # bitsandbytes fails in assorted ways where it cannot run
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    return None
+
+
+def bitsandbytes_problem(precision: str, optimizer: str) -> str | None:
+    """A sentence for the Train page when the chosen precision or optimiser needs bitsandbytes and it cannot run."""
+    if precision == "full" and optimizer not in BNB_OPTIMIZERS:
+        return None
+    error = _bitsandbytes_error()
+    if error is None:
+        return None
+    what = f"{precision} base model" if precision != "full" else f"the {optimizer} optimiser"
+    return (f"The {what} needs bitsandbytes, which cannot run on this machine ({error}). Choose full precision "
+            f"and adamw_torch, or install a bitsandbytes build for your hardware.")
