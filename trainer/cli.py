@@ -1,4 +1,5 @@
-"""Command line: `python -m trainer preview | train | perplexity` (DESIGN.md keeps these stable)."""
+"""Command line: `python -m trainer preview | train | perplexity | run-job | export` (DESIGN.md keeps the first
+three stable)."""
 
 from __future__ import annotations
 
@@ -92,6 +93,26 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run_job(args: argparse.Namespace) -> int:
+    from .jobs import run_job
+
+    return run_job(args.job_dir)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import default_export_name, export_merged
+    from .perplexity import resolve_lora
+
+    adapter_dir = resolve_lora(args.lora)
+    result = export_merged(adapter_dir, args.name or default_export_name(adapter_dir), args.model,
+                           progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"saved {result['path']} (max |logit difference| {result['max_abs_diff_reloaded']:.2e})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--precision", choices=["full", "8bit", "4bit"], default="full", help="base model precision")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(handler=cmd_perplexity)
+
+    job = commands.add_parser("run-job", help="run a background job folder (the Evaluate page starts these)",
+                              description="Run results/jobs/ID/job.json (perplexity evaluations or an export), "
+                                          "writing progress to status.json and results to results/perplexity.jsonl.")
+    job.add_argument("--job-dir", required=True, help="the job folder, e.g. results/jobs/ID")
+    job.set_defaults(handler=cmd_run_job)
+
+    export = commands.add_parser("export", help="merge an adapter into its base model and save it under models/",
+                                 description="Merge a LoRA adapter into its base model (full precision), save a "
+                                             "safetensors model folder models/NAME and check that its logits "
+                                             "equal base+adapter. An existing folder is never overwritten.")
+    export.add_argument("--lora", required=True, help="adapter folder: loras/NAME or loras/NAME/checkpoint-STEP")
+    export.add_argument("--name", default=None, help="folder name under models/ (default NAME-merged)")
+    export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(handler=cmd_export)
     return parser
 
 

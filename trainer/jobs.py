@@ -1,0 +1,281 @@
+"""Background jobs (perplexity evaluations, adapter export) run as subprocesses, like training.
+
+The page never computes in its own process. It writes a job folder `results/jobs/ID/` with `job.json`
+(what to do), starts `python -m trainer run-job --job-dir DIR` in its own process session, and from then
+on reads `status.json` (state, progress, message, result ids, error), so a reload re-attaches.
+Evaluations are appended to results/perplexity.jsonl; an identical evaluation already stored is reused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+from .errors import DashboardError
+from .evaluation import (
+    adapter_run_name, append_result, evaluation_key, find_result, home_relative, read_results,
+    results_dir,
+)
+from .home import CODE_ROOT, HOME_ENV, home_dir
+from .runfiles import LIVE_STATES, now_iso, process_alive, process_start_time, read_json, write_json_atomic
+
+JOB_FILE = "job.json"
+STATUS_FILE = "status.json"
+LOG_FILE = "job.log"
+KINDS = ("perplexity", "export")
+
+
+def jobs_dir() -> Path:
+    return results_dir() / "jobs"
+
+
+def job_dir_for(job_id: str) -> Path:
+    from .home import check_name
+
+    return jobs_dir() / check_name(job_id, "job id")
+
+
+# ---- planning -----------------------------------------------------------------------------------
+
+
+def perplexity_task(model: str, adapter_dir: Path | None, text_file: Path, dataset: str, stride: int,
+                    max_length: int, comment: str = "", precision: str = "full") -> dict:
+    """One evaluation: the inputs, what the results table shows, and the key that makes it reusable."""
+    if not 0 < int(stride) <= int(max_length):
+        raise DashboardError(f"Stride ({stride}) must be between 1 and the max length ({max_length}).",
+                             field="stride")
+    key = evaluation_key(model, adapter_dir, text_file, stride, max_length, precision)
+    return {
+        **key,
+        "adapter": adapter_run_name(adapter_dir), "dataset": dataset, "comment": comment,
+        "lora": str(Path(adapter_dir).resolve()) if adapter_dir else "",
+        "text_file": str(Path(text_file).resolve()),
+    }
+
+
+def _new_job_id(kind: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{uuid.uuid4().hex[:6]}"
+
+
+def _launch(kind: str, spec: dict) -> Path:
+    job_id = _new_job_id(kind)
+    job_dir = jobs_dir() / job_id
+    job_dir.mkdir(parents=True)
+    write_json_atomic(job_dir / JOB_FILE, {"id": job_id, "kind": kind, "created": now_iso(), **spec})
+    queued = {"state": "queued", "pid": None, "created": now_iso(), "progress": 0.0, "message": "starting",
+              "results": [], "error": None}
+    write_json_atomic(job_dir / STATUS_FILE, queued)
+    command = [sys.executable, "-m", "trainer", "run-job", "--job-dir", str(job_dir)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOME_ENV: str(home_dir())})
+    with open(job_dir / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(f"=== {now_iso()}: {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    # Name the process, unless the job (seconds of imports later) has already written `running` itself.
+    if (read_json(job_dir / STATUS_FILE) or {}).get("state") == "queued":
+        write_json_atomic(job_dir / STATUS_FILE, {**queued, "pid": process.pid,
+                                                  "pid_start_time": process_start_time(process.pid)})
+    return job_dir
+
+
+def start_perplexity(tasks: list[dict], title: str = "") -> dict:
+    """Reuse stored results for identical evaluations and start one job for the rest.
+
+    Returns {"job": job id or None, "reused": [stored records], "pending": number of evaluations queued,
+    "running": number already being computed by another live job}.
+    """
+    if not tasks:
+        raise DashboardError("Choose at least one model to evaluate (base, final adapter or a checkpoint).")
+    records = read_results()
+    in_flight = [task for job in list_jobs(50) if job["state"] in LIVE_STATES and job["kind"] == "perplexity"
+                 for task in (read_json(jobs_dir() / job["id"] / JOB_FILE) or {}).get("tasks", [])]
+    reused, pending, running = [], [], 0
+    for task in tasks:
+        found = find_result(task, records)
+        if found is not None:
+            reused.append(found)
+        elif any(_same_task(task, other) for other in in_flight):
+            running += 1  # a job started earlier (another click, another tab) is computing it
+        elif not any(_same_task(task, other) for other in pending):
+            pending.append(task)
+    if not pending:
+        return {"job": None, "reused": reused, "pending": 0, "running": running}
+    job_dir = _launch("perplexity", {"title": title or "perplexity", "tasks": pending})
+    return {"job": job_dir.name, "reused": reused, "pending": len(pending), "running": running}
+
+
+def _same_task(a: dict, b: dict) -> bool:
+    from .evaluation import same_key
+
+    return same_key(a, b)
+
+
+def start_export(adapter_dir: Path, name: str, base_model: str | None = None) -> str:
+    """Start merging an adapter into its base model as models/NAME; the name is checked at once."""
+    from .export import adapter_base_model, check_export_target
+
+    check_export_target(name)
+    base_model = base_model or adapter_base_model(adapter_dir)
+    job_dir = _launch("export", {"title": f"export {name}", "adapter_dir": str(Path(adapter_dir).resolve()),
+                                 "name": name, "base_model": base_model})
+    return job_dir.name
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def job_state(job_dir: Path) -> dict:
+    """status.json and job.json of a job as a reader should take them (a dead live job shows failed)."""
+    job_dir = Path(job_dir)
+    job = read_json(job_dir / JOB_FILE) or {}
+    status = read_json(job_dir / STATUS_FILE) or {"state": "queued", "progress": 0.0}
+    status = {**status, "id": job_dir.name, "kind": job.get("kind", ""), "title": job.get("title", ""),
+              "n_tasks": len(job.get("tasks", [])) or 1, "created": job.get("created", "")}
+    if status.get("state") in LIVE_STATES and not process_alive(status.get("pid"), status.get("pid_start_time")):
+        recent = time.time() - (job_dir / STATUS_FILE).stat().st_mtime < 5 if (job_dir / STATUS_FILE).exists() \
+            else True
+        if not (status.get("state") == "queued" and recent):
+            status["state"] = "failed"
+            status["error"] = status.get("error") or (
+                "The job's process ended without finishing (killed, out of memory or the machine restarted). "
+                f"See {home_relative(job_dir / LOG_FILE)}; start it again.")
+    return status
+
+
+def list_jobs(limit: int = 20) -> list[dict]:
+    """The newest jobs first."""
+    root = jobs_dir()
+    if not root.is_dir():
+        return []
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and (p / JOB_FILE).exists()),
+                     key=lambda p: p.name, reverse=True)
+    return [job_state(p) for p in folders[:limit]]
+
+
+def cancel_job(job_id: str) -> None:
+    """Ask a job to end: SIGTERM to its process group; it writes state `stopped`."""
+    status = job_state(job_dir_for(job_id))
+    pid = status.get("pid")
+    if status.get("state") in LIVE_STATES and process_alive(pid, status.get("pid_start_time")):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# ---- running (in the job's own process) ----------------------------------------------------------
+
+
+class Cancelled(Exception):
+    pass
+
+
+class _Status:
+    """Writes status.json, at most every half second for progress updates."""
+
+    def __init__(self, job_dir: Path):
+        self.path = job_dir / STATUS_FILE
+        self.data = {"state": "running", "pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()),
+                     "started_at": now_iso(), "finished_at": None, "progress": 0.0, "message": "loading",
+                     "results": [], "reused": [], "error": None}
+        self.last = 0.0
+        self.cancelled = False
+        self.write()
+
+    def write(self, force: bool = True, **changes) -> None:
+        self.data.update(changes)
+        now = time.monotonic()
+        if force or now - self.last >= 0.5:
+            write_json_atomic(self.path, self.data)
+            self.last = now
+
+
+def run_job(job_dir: Path) -> int:
+    """Run a job folder's job.json; the CLI entry `python -m trainer run-job --job-dir DIR`."""
+    job_dir = Path(job_dir).resolve()
+    job = read_json(job_dir / JOB_FILE)
+    if job is None:
+        print(f"error: {job_dir} has no readable {JOB_FILE}", file=sys.stderr)
+        return 2
+    status = _Status(job_dir)
+
+    def cancel(*_):
+        status.cancelled = True
+
+    signal.signal(signal.SIGTERM, cancel)
+    signal.signal(signal.SIGINT, cancel)
+    try:
+        if job.get("kind") == "perplexity":
+            _run_perplexity(job, status)
+        elif job.get("kind") == "export":
+            _run_export(job, status)
+        else:
+            raise DashboardError(f"Unknown job kind {job.get('kind')!r}.")
+    except Cancelled:
+        status.write(state="stopped", finished_at=now_iso(), message="stopped on request")
+        return 0
+    except BaseException as exc:  # the job folder must say what went wrong
+        traceback.print_exc()
+        message = exc.message if isinstance(exc, DashboardError) else f"{type(exc).__name__}: {str(exc)[:500]}"
+        status.write(state="failed", finished_at=now_iso(), error=message)
+        return 1
+    status.write(state="completed", finished_at=now_iso(), progress=1.0, message="done")
+    return 0
+
+
+def _run_perplexity(job: dict, status: _Status) -> None:
+    import torch
+
+    from .perplexity import ModelCache, perplexity_of_file
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    tasks = job.get("tasks", [])
+    cache = ModelCache()
+    for index, task in enumerate(tasks):
+        label = f"{task.get('adapter') or task['model']} {task.get('checkpoint') or ''}".strip()
+        if status.cancelled:
+            raise Cancelled()
+        found = find_result(task)
+        if found is not None:
+            status.write(reused=status.data["reused"] + [found["id"]], progress=(index + 1) / len(tasks))
+            continue
+        status.write(message=f"{label} on {task['dataset']} ({index + 1} of {len(tasks)}): loading",
+                     progress=index / len(tasks))
+
+        def progress(fraction: float, index=index, label=label) -> None:
+            if status.cancelled:
+                raise Cancelled()
+            status.write(force=False, progress=(index + fraction) / len(tasks),
+                         message=f"{label} on {task['dataset']} ({index + 1} of {len(tasks)}): {fraction:.0%}")
+
+        result = perplexity_of_file(task["model"], task.get("lora") or None, task["text_file"], task["stride"],
+                                    task["max_length"], precision=task.get("precision", "full"), progress=progress,
+                                    cache=cache)
+        record = {k: v for k, v in task.items() if k not in ("lora", "text_file")}
+        # The content actually evaluated (the file could have changed since the job was planned).
+        record.update(dataset_sha256=result["text_sha256"], tokens=result["tokens"], nll=result["nll"],
+                      perplexity=result["perplexity"])
+        stored = append_result(record)
+        status.write(results=status.data["results"] + [stored["id"]], progress=(index + 1) / len(tasks))
+        print(f"{label} on {task['dataset']}: perplexity {result['perplexity']:.4f} over {result['tokens']} tokens",
+              flush=True)
+
+
+def _run_export(job: dict, status: _Status) -> None:
+    from .export import export_merged
+
+    def progress(message: str) -> None:
+        if status.cancelled:
+            raise Cancelled()
+        print(message, flush=True)
+        status.write(message=message)
+
+    result = export_merged(Path(job["adapter_dir"]), job["name"], job.get("base_model"), progress=progress)
+    status.write(result=result)
