@@ -110,8 +110,12 @@ def save_upload(upload_key: str, name_key: str, replace_key: str) -> None:
         temporary = folder / f".{name}.uploading"
         temporary.write_bytes(data)
         os.replace(temporary, target)
-    except (DashboardError, OSError) as exc:
-        st.session_state[KEY + "upload_message"] = ("error", getattr(exc, "message", None) or str(exc))
+    except DashboardError as exc:
+        st.session_state[KEY + "upload_message"] = ("error", exc.message)
+        return
+    except OSError as exc:
+        st.session_state[KEY + "upload_message"] = (
+            "error", f"Cannot write into datasets/: {exc.strerror or exc}. Is the home folder writable?")
         return
     mode = RAW if target.suffix.lower() == ".txt" else FORMATTED
     for key, value in ((KEY + "mode", mode), (KEY + ("dataset_raw" if mode == RAW else "dataset_formatted"), name)):

@@ -169,7 +169,7 @@ plan_ok = False
 data_fields = {"base_model", "dataset", "raw_text_file", "format", "cutoff_len", "overlap_len", "newline_favor_len",
                "hard_cut_string", "min_chars", "train_only_after", "add_eos_token", "add_bos_token",
                "overlong_samples", "trust_remote_code"}
-if params is not None and not any(p.field in data_fields | {"dataset"} for p in problems):
+if params is not None and not any(p.field != "lora_name" for p in problems):
     try:
         info = plan({k: v for k, v in params.to_dict().items() if k in data_fields}, dataset_stamp(params))
         steps = batching.plan(info["lengths"], params)
@@ -231,10 +231,13 @@ with st.expander("More than one machine"):
             multi_node_commands(run_dir_for(name), int(nodes), int(per_node), endpoint))), language="bash")
         if params is not None and not (run_dir_for(name) / PARAMS_FILE).exists():
             if st.button("Write the run folder for these machines", disabled=bool(problems)):
-                run_dir_for(name).mkdir(parents=True, exist_ok=False)
-                stored = TrainingParameters.from_dict({**params.to_dict(), "num_processes": int(nodes * per_node)})
-                stored.write(run_dir_for(name) / PARAMS_FILE)
-                st.success(f"Wrote {run_dir_for(name) / PARAMS_FILE}; run the commands above.")
+                try:
+                    run_dir_for(name).mkdir(parents=True, exist_ok=False)
+                    stored = TrainingParameters.from_dict({**params.to_dict(), "num_processes": int(nodes * per_node)})
+                    stored.write(run_dir_for(name) / PARAMS_FILE)
+                    st.success(f"Wrote {run_dir_for(name) / PARAMS_FILE}; run the commands above.")
+                except OSError as exc:
+                    st.error(f"Cannot write {run_dir_for(name)}: {exc.strerror or exc}.")
 
 can_start = params is not None and not problems and plan_ok and mode != "none"
 if st.button("Start training", type="primary", disabled=not can_start):
@@ -319,8 +322,11 @@ def follow(run_name: str) -> None:
     if state in LIVE_STATES:
         if st.button("Stop", key=f"stop_{run_name}", help="Finish the current step, save the adapter and a "
                                                             "checkpoint, then end as stopped."):
-            request_stop(run_dir)
-            st.toast("Stop requested; the run ends after its current step.")
+            try:
+                request_stop(run_dir)
+                st.toast("Stop requested; the run ends after its current step.")
+            except OSError as exc:
+                st.error(f"Cannot write the stop request into {run_dir}: {exc.strerror or exc}.")
     elif state in ("stopped", "failed") and list_checkpoints(run_dir):
         if st.button("Resume from the newest checkpoint", key=f"resume_{run_name}"):
             try:

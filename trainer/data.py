@@ -148,10 +148,14 @@ def load_rows(path: Path) -> list[Any]:
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DashboardError(
-                f"{path.name}: row {index} is a {type(row).__name__}, not an object; a dataset is a list of objects.")
+                f"{path.name}: row {index} is {_a(type(row).__name__)}, not an object; a dataset is a list of objects.")
     if not rows:
         raise DashboardError(f"{path.name} holds no rows.")
     return rows
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
 _FIELD_RE = re.compile(r"%([A-Za-z0-9_]+)%")
@@ -343,7 +347,7 @@ def build_raw_samples(params, tokenizer) -> Preview:
     if not kept:
         raise DashboardError(
             "No text left to train on: every block is empty or shorter than the minimum block size "
-            f"({len(blocks)} blocks after cutting at the hard cut string).")
+            f"({len(blocks)} block{'s' if len(blocks) != 1 else ''} after cutting at the hard cut string).")
 
     encoded = tokenizer([t for _, t, _ in kept], add_special_tokens=False, return_offsets_mapping=True)
     samples = []

@@ -74,8 +74,9 @@ def resolve_inside(base: Path, relative: str, what: str = "path") -> Path:
     rel = Path(relative)
     if rel.is_absolute():
         raise DashboardError(f"The {what} {relative!r} is absolute; give a path inside {base}.")
-    for part in rel.parts:
-        check_name(part, what)
+    # The checked parts are used, not the raw string: check_name strips surrounding whitespace, so a name
+    # such as "notes.txt\n" names the file it was checked as.
+    rel = Path(*(check_name(part, what) for part in rel.parts))
     base = base.resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:

@@ -160,7 +160,7 @@ class TrainingParameters:
     @property
     def gradient_accumulation_steps(self) -> int:
         """Micro-batches per optimiser step on each process: batch / (micro batch x processes)."""
-        return max(1, self.batch_size // (self.micro_batch_size * self.num_processes))
+        return max(1, self.batch_size // max(1, self.micro_batch_size * self.num_processes))
 
     @property
     def hard_cut(self) -> str:

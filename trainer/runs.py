@@ -106,6 +106,18 @@ def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "lat
         raise DashboardError(f"Cannot create {loras_dir()}: {exc.strerror}. Is the home folder writable?") from None
     if not os.access(loras_dir(), os.W_OK):
         raise DashboardError(f"The folder {loras_dir()} is read-only; nothing can be trained into it.")
+    try:
+        return _launch_locked(params, mode, checkpoint, run_dir)
+    except OSError as exc:
+        # os.access can say yes and a write still fail (root on a read-only mount, a full disk, a file where
+        # a folder should be): the page shows a sentence, not a traceback.
+        raise DashboardError(
+            f"Cannot write the run folder {run_dir}: {exc.strerror or exc}"
+            f"{f' ({exc.filename})' if exc.filename else ''}. Is the home folder writable and the disk not full?"
+        ) from None
+
+
+def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_dir: Path) -> Path:
     with run_lock(run_dir.name):
         if run_dir.exists():
             if is_live(run_dir):

@@ -177,19 +177,33 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer_state: dict, sche
     return final
 
 
+def _load_tensors(path: Path):
+    """torch.load with weights_only=True, and a sentence (not PyTorch's advice to turn it off) on refusal."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DashboardError(
+            f"{path.parent.name}/{path.name} holds Python objects, not plain tensors (loading it could run code), so "
+            f"it was not loaded. Resume from another checkpoint or start anew.") from None
+
+
 def load_checkpoint_state(checkpoint: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
     import torch
 
     # weights_only=True: a checkpoint is data, never code.
-    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    optimizer_state = _load_tensors(checkpoint / "optimizer.pt")
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    rng = torch.load(checkpoint / "rng_state.pt", weights_only=True)
+    scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt"))
+    rng = _load_tensors(checkpoint / "rng_state.pt")
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
