@@ -238,6 +238,25 @@ def full_states(model, optimizer, sharded: bool) -> tuple[dict | None, dict]:
             get_optimizer_state_dict(model, optimizer, options=options))
 
 
+def physical_cores() -> int:
+    """Physical cores this process may use: hyper-threads share a core's matrix units, so they add no speed."""
+    allowed = os.sched_getaffinity(0)
+    cores, cpu, physical = set(), None, "0"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "processor":
+                cpu = int(value)
+            elif key == "physical id":
+                physical = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((physical, value))
+    except OSError:
+        pass
+    return len(cores) or len(allowed)
+
+
 class Distributed:
     """This process's place in a torchrun / accelerate launch (one process when WORLD_SIZE is unset).
 
@@ -373,7 +392,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
         raise DashboardError(bnb_message, field="precision")
     device = dist_info.start()
     if device == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.manual_seed(params.seed)
     random.seed(params.seed)
 
