@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import IGNORE_INDEX, build_samples, load_format, load_rows, unmatched_rows_error
+from trainer.data import IGNORE_INDEX, build_samples, load_format, load_rows, no_samples_error, unmatched_rows_error
 from trainer.errors import DashboardError
 from trainer.home import CODE_ROOT
 from trainer.params import TrainingParameters
@@ -122,10 +122,13 @@ def test_unmatched_rows_error_names_ten_and_counts_the_rest(home, tokenizer):
 
 def test_no_row_matching_is_an_error(home, tokenizer):
     rows = [{"question": "q", "answer": "a"}, {"prompt": "p"}]
-    with pytest.raises(DashboardError, match="unmatched"):
-        build(home, tokenizer, rows)
-    with pytest.raises(DashboardError, match="no format file chosen"):
-        build(home, tokenizer, [{"instruction": "a", "output": "b"}], fmt=None)
+    # The preview lists the rows; a run refuses to start on an empty sample list.
+    preview = build(home, tokenizer, rows)
+    assert preview.samples == [] and [p.index for p in preview.problems] == [0, 1]
+    assert all(p.reason.startswith("unmatched") for p in preview.problems)
+    assert "every row was unmatched" in no_samples_error(preview).message
+    preview = build(home, tokenizer, [{"instruction": "a", "output": "b"}], fmt=None)
+    assert preview.samples == [] and preview.problems[0].reason == "unmatched: no format file chosen"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def test_missing_format_file(home, tokenizer):
 @pytest.mark.parametrize("name, content, message", [
     ("broken.jsonl", '{"instruction": "a", "output": "b"}\n\n{"instruction": "c",\n{"x": 1}\n', r"broken.jsonl, line 3"),
     ("object.json", '{"instruction": "a", "output": "b"}', "must hold a JSON list of objects"),
-    ("numbers.json", "[1, 2]", "row 0 is a int"),
+    ("numbers.json", "[1, 2]", "row 0 is an int, not an object"),
     ("mixed.jsonl", '{"instruction": "a", "output": "b"}\n[1]\n', "row 1 is a list"),
     ("empty.json", "[]", "holds no rows"),
     ("bad.json", '[{"instruction": "a",\n "output": }]', r"not valid JSON.*line 2"),
