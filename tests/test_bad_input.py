@@ -35,8 +35,8 @@ from trainer.params import DEFAULT_MODEL, TrainingParameters
 from .conftest import TINY_MODEL, _link_tree
 from .evalhelpers import copy_run, trained_run_source
 
-DATA_PAGE = str(CODE_ROOT / "pages" / "data.py")
-TRAIN_PAGE = str(CODE_ROOT / "pages" / "train.py")
+DATA_PAGE = str(CODE_ROOT / "views" / "data.py")
+TRAIN_PAGE = str(CODE_ROOT / "views" / "train.py")
 FIVE_MB = 5 * 1024 * 1024
 
 

@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 from trainer.data import build_samples
 from trainer.params import TrainingParameters
 
-PAGE = Path(__file__).resolve().parent.parent / "pages" / "data.py"
+PAGE = Path(__file__).resolve().parent.parent / "views" / "data.py"
 
 
 def open_page(**state) -> AppTest:
@@ -251,7 +251,7 @@ def test_settings_go_to_the_train_page_and_survive_a_page_switch(home):
     assert at.session_state["tp_format"] == "alpaca-format"
     assert at.session_state["tp_train_only_after"] == "### Response:"
     # Back on the Data page, its choices are still there although Streamlit drops unrendered widgets.
-    at.switch_page("pages/data.py").run()
+    at.switch_page("views/data.py").run()
     assert at.radio(key="dp_mode").value == "Formatted JSON"
     assert at.text_input(key="dp_train_only_after").value == "### Response:"
     assert "tok-masked" in samples_html(at)

@@ -17,7 +17,7 @@ from .evalhelpers import (
     ZERO_STEP, copy_run, make_big_run, make_run, make_running_run, make_webui_run, trained_run_source, wait_for,
 )
 
-PAGE = str(CODE_ROOT / "pages" / "evaluate.py")
+PAGE = str(CODE_ROOT / "views" / "evaluate.py")
 
 
 def open_page(timeout: float = 60) -> AppTest:

@@ -35,8 +35,8 @@ from trainer.train import list_checkpoints
 from .evalhelpers import copy_run, trained_run_source
 from .trainhelpers import TINY_PARAMS, wait_for, write_run
 
-TRAIN_PAGE = str(CODE_ROOT / "pages" / "train.py")
-DATA_PAGE = str(CODE_ROOT / "pages" / "data.py")
+TRAIN_PAGE = str(CODE_ROOT / "views" / "train.py")
+DATA_PAGE = str(CODE_ROOT / "views" / "data.py")
 
 
 def open_page(path: str = TRAIN_PAGE) -> AppTest:

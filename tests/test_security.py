@@ -33,9 +33,9 @@ from .evalhelpers import copy_run, trained_run_source
 from .trainhelpers import wait_for
 
 CONFIG = CODE_ROOT / ".streamlit" / "config.toml"
-DATA_PAGE = str(CODE_ROOT / "pages" / "data.py")
-TRAIN_PAGE = str(CODE_ROOT / "pages" / "train.py")
-SOURCE_DIRS = [CODE_ROOT / "trainer", CODE_ROOT / "pages"]
+DATA_PAGE = str(CODE_ROOT / "views" / "data.py")
+TRAIN_PAGE = str(CODE_ROOT / "views" / "train.py")
+SOURCE_DIRS = [CODE_ROOT / "trainer", CODE_ROOT / "views"]
 
 
 def sources() -> list[Path]:

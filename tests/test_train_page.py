@@ -14,7 +14,7 @@ from trainer.train import list_checkpoints
 
 from .trainhelpers import wait_for, write_run
 
-PAGE = str(CODE_ROOT / "pages" / "train.py")
+PAGE = str(CODE_ROOT / "views" / "train.py")
 
 
 def open_page() -> AppTest:

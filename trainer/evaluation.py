@@ -544,8 +544,11 @@ def metric_chart(data: pd.DataFrame, chart: str, x_title: str, height: int = 280
     # Vega derives one from the tick step and prints 40,000 as 4e+4.)
     x_axis = alt.Axis(format=",d", tickMinStep=1) if x_title == X_AXES["step"] else alt.Axis()
     y_axis = alt.Axis(format=".1e") if chart == "learning_rate" else alt.Axis()
-    # Perplexity is exp(loss): a log scale keeps a good and a bad run readable on one chart.
-    y_scale = alt.Scale(type="log") if chart == "eval_perplexity" else alt.Scale(zero=True)
+    # Perplexity is exp(loss): a log scale keeps a good and a bad run readable on one chart. A loss curve
+    # fills the chart (a fall from 2.1 to 1.8 is the story; an axis from 0 flattens it); a learning rate
+    # keeps its zero, where warm-up starts and decay ends.
+    y_scale = (alt.Scale(type="log") if chart == "eval_perplexity"
+               else alt.Scale(zero=chart == "learning_rate"))
     encoding = dict(x=alt.X("x:Q", title=x_title, axis=x_axis),
                     y=alt.Y("value:Q", title=title, axis=y_axis, scale=y_scale),
                     color=alt.Color("run:N", title="Run", legend=alt.Legend(labelLimit=140),

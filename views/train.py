@@ -10,7 +10,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from pages.common import get_tokenizer, home_caption, list_dataset_names, list_format_names
+from views.common import get_tokenizer, home_caption, list_dataset_names, list_format_names
 from trainer import batching
 from trainer.data import build_samples, unmatched_rows_error
 from trainer.errors import DashboardError
@@ -38,8 +38,9 @@ gpu_count = visible_gpus()
 
 
 # ---- state: defaults, copied parameters, the Data page's choices ---------------------------------
-# Streamlit forgets a widget's value while another page runs, so the form lives in "train_form" and the
-# widgets (keys tp_<name>) are filled from it whenever they are missing.
+# Streamlit forgets a widget's value while another page runs (and can drop it when a run is interrupted),
+# so the form lives in "train_form" and every widget key (tp_<name>) is re-assigned each run: a key set by
+# the script is kept by Streamlit, and a missing one is filled from the form instead of a widget default.
 def load_into_form(values: dict) -> None:
     params = TrainingParameters.from_dict(values)
     st.session_state["train_form"] = params.to_dict()
@@ -52,8 +53,7 @@ if "train_form" not in st.session_state:
     initial.update(st.session_state.get("data_options", {}))
     st.session_state["train_form"] = TrainingParameters.from_dict(initial).to_dict()
 for _name, _value in st.session_state["train_form"].items():
-    if KEY + _name not in st.session_state:
-        st.session_state[KEY + _name] = _value
+    st.session_state[KEY + _name] = st.session_state.get(KEY + _name, _value)
 
 runs = list_runs()
 with st.sidebar:
@@ -128,7 +128,7 @@ for group, tab in zip(GROUPS, tabs):
             st.info("8-bit and 4-bit base models load through bitsandbytes; the LoRA itself trains in full "
                     "precision (prepare_model_for_kbit_training).")
 
-values = {name: st.session_state.get(KEY + name) for name in FIELDS}
+values = {name: st.session_state.get(KEY + name, st.session_state["train_form"].get(name)) for name in FIELDS}
 st.session_state["train_form"] = values
 try:
     params = TrainingParameters.from_dict(values)
@@ -291,11 +291,13 @@ def format_seconds(seconds: float | None) -> str:
 
 
 @st.fragment(run_every=2)
-def follow(run_name: str) -> None:
+def follow(run_name: str, listed_as_live: bool) -> None:
     run_dir = run_dir_for(run_name)
     status = effective_status(run_dir) or {}
-    metrics = read_metrics(run_dir)
     state = status.get("state", "unknown")
+    if (state in LIVE_STATES) != listed_as_live:
+        st.rerun(scope="app")  # the run started or ended: refresh the "(running)" labels of the run selector
+    metrics = read_metrics(run_dir)
     last = next((r for r in reversed(metrics) if "loss" in r), {})
     step, total = status.get("step") or 0, status.get("total_steps") or 0
     icon = {"running": "🟢", "queued": "⏳", "completed": "✅", "stopped": "⏹️", "failed": "❌"}.get(state, "❔")
@@ -341,4 +343,4 @@ def follow(run_name: str) -> None:
             st.code("\n".join(log.read_text(errors="replace").splitlines()[-40:]) or "(empty)", language=None)
 
 
-follow(shown)
+follow(shown, shown in live)

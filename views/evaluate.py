@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages.common import cached_tokenizer, home_caption, show_error
+from views.common import cached_tokenizer, home_caption, show_error
 from trainer import evaluation as ev
 from trainer import jobs
 from trainer.errors import DashboardError

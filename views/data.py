@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from pages.common import (get_tokenizer, home_caption, list_dataset_names, list_format_names, model_picker,
+from views.common import (get_tokenizer, home_caption, list_dataset_names, list_format_names, model_picker,
                           show_error)
 from trainer.data import build_samples
 from trainer.errors import DashboardError
@@ -434,6 +434,6 @@ elif params is not None and not problems:
                     if name in options:
                         st.session_state["train_form"][name] = value
                         st.session_state["tp_" + name] = value
-            st.switch_page("pages/train.py")
+            st.switch_page("views/train.py")
         st.divider()
         show_preview(data, tokenizer, params)
