@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from trainer.data import _line_start_tokens, build_raw_samples, build_samples, chunk_spans
+from trainer.data import _line_start_tokens, build_raw_samples, build_samples, chunk_spans, encode_with_offsets
 from trainer.errors import DashboardError
 from trainer.params import TrainingParameters, decode_escapes
 
@@ -420,3 +420,28 @@ def test_demo_raw_text_chunks(home, tokenizer):
     assert preview.stats["kept_blocks"] > 3
     assert all(s.n_tokens <= 128 for s in preview.samples)
     assert all("\n\n\n" not in s.text for s in preview.samples)
+
+
+# ---- the tokenisation the chunking reads ---------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.lists(st.sampled_from(list("ab \n\t.é漢🙂") + ["<|im_start|>", "User:", "  "]),
+                              max_size=40).map("".join), min_size=1, max_size=5))
+def test_direct_backend_encoding_equals_the_tokenizer_call(tokenizer, texts):
+    """The fast path (the Rust encodings read directly) gives exactly the ordinary call's ids and offsets."""
+    ids, offsets = encode_with_offsets(tokenizer, texts)
+    expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert ids == expected["input_ids"]
+    assert [[tuple(o) for o in row] for row in offsets] == [[tuple(o) for o in row] for row in expected["offset_mapping"]]
+
+
+def test_a_truncating_backend_takes_the_ordinary_call(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.backend_tokenizer.enable_truncation(max_length=3)  # as a tokenizer.json with truncation set would
+    text = "one two three four five six seven"
+    ids, _ = encode_with_offsets(tok, [text])
+    # The ordinary call resets the backend's truncation first, so every token comes back.
+    assert ids == [tok(text, add_special_tokens=False)["input_ids"]] and len(ids[0]) > 3

@@ -8,6 +8,8 @@ masked so that only the answer part counts in the loss when `train_only_after` i
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -319,6 +321,37 @@ def _line_start_tokens(text: str, offsets: np.ndarray) -> tuple[np.ndarray, np.n
     return np.flatnonzero(is_start), char_pos
 
 
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of each text, without special tokens.
+
+    A fast (Rust) tokenizer is asked directly: its encodings already hold both, and going through
+    `tokenizer(..., return_offsets_mapping=True)` costs about a third more on large texts, converting every
+    encoding into Python dictionaries first. The direct call is used only when the backend would not
+    truncate or pad; otherwise (or for a slow tokenizer) the ordinary call gives the same lists.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not texts:
+        return [], []
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Pause Python's cyclic garbage collector: building millions of small lists (the samples of a large
+    text) otherwise sets it off again and again, scanning them all each time, for nothing to collect."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def build_raw_samples(params, tokenizer) -> Preview:
     # The options are checked before any file is read or tokenised.
     bos = [tokenizer.bos_token_id] if params.add_bos_token and tokenizer.bos_token_id is not None else []
@@ -349,9 +382,9 @@ def build_raw_samples(params, tokenizer) -> Preview:
             "No text left to train on: every block is empty or shorter than the minimum block size "
             f"({len(blocks)} block{'s' if len(blocks) != 1 else ''} after cutting at the hard cut string).")
 
-    encoded = tokenizer([t for _, t, _ in kept], add_special_tokens=False, return_offsets_mapping=True)
+    all_ids, all_offsets = encode_with_offsets(tokenizer, [t for _, t, _ in kept])
     samples = []
-    for (index, text, name), ids, offsets in zip(kept, encoded["input_ids"], encoded["offset_mapping"]):
+    for (index, text, name), ids, offsets in zip(kept, all_ids, all_offsets):
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         line_starts, char_pos = _line_start_tokens(text, offsets)
         spans = chunk_spans(line_starts, char_pos, len(ids), budget, params.overlap_len, params.newline_favor_len)
@@ -457,10 +490,8 @@ def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Pr
     budget = params.cutoff_len - len(bos) - len(eos)
     samples: list[Sample] = []
     truncated = dropped_long = 0
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else {
-        "input_ids": [], "offset_mapping": []}
-    for text, spans, source, ids, offsets in zip(texts, trained_spans, sources, encoded["input_ids"],
-                                                  encoded["offset_mapping"]):
+    all_ids, all_offsets = encode_with_offsets(tokenizer, texts)
+    for text, spans, source, ids, offsets in zip(texts, trained_spans, sources, all_ids, all_offsets):
         mask = [1 if any(a <= start < b for a, b in spans) else 0 for start, _ in offsets]
         is_truncated = len(ids) > budget
         if is_truncated:
@@ -516,15 +547,16 @@ def build_samples(params, tokenizer, dataset: str | None = None) -> Preview:
 
     With `dataset` given, that formatted dataset is used instead of params.dataset (the eval set).
     """
-    if dataset is None and params.is_raw_text:
-        return build_raw_samples(params, tokenizer)
-    if not (dataset or params.dataset):
-        raise DashboardError("Choose a dataset or a raw text file.", field="dataset")
-    path = resolve_user_path(dataset or params.dataset, "dataset")
-    if path.suffix.lower() == ".txt" or path.is_dir():
-        raw = type(params).from_dict({**params.to_dict(), "raw_text_file": str(path), "dataset": ""})
-        return build_raw_samples(raw, tokenizer)
-    return build_formatted_samples(params, tokenizer, dataset)
+    with collector_paused():
+        if dataset is None and params.is_raw_text:
+            return build_raw_samples(params, tokenizer)
+        if not (dataset or params.dataset):
+            raise DashboardError("Choose a dataset or a raw text file.", field="dataset")
+        path = resolve_user_path(dataset or params.dataset, "dataset")
+        if path.suffix.lower() == ".txt" or path.is_dir():
+            raw = type(params).from_dict({**params.to_dict(), "raw_text_file": str(path), "dataset": ""})
+            return build_raw_samples(raw, tokenizer)
+        return build_formatted_samples(params, tokenizer, dataset)
 
 
 def no_samples_error(preview: Preview) -> DashboardError | None:

@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from .errors import DashboardError
+from .loss import causal_lm_loss_sum, plain_output_head
 from .runfiles import (
     METRICS_FILE, PARAMS_FILE, STOP_FILE, MetricsWriter, now_iso, process_start_time, read_status,
     truncate_metrics_after, update_status, write_json_atomic,
@@ -125,20 +126,7 @@ def linear_module_names(model) -> set[str]:
             if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
 
 
-def causal_lm_loss_sum(model, batch) -> "torch.Tensor":
-    """Summed next-token loss over the trained tokens of a micro-batch (padding and masked tokens excluded)."""
-    import torch.nn.functional as F
-
-    # No attention mask: position ids restarting per sample make transformers attend within each sample
-    # (and use_cache=False, or it would not look at them).
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
-    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
-def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device) -> float:
+def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device, head="auto") -> float:
     import torch
 
     from .batching import collate, trained_targets
@@ -149,7 +137,7 @@ def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device) -
     with torch.no_grad():
         for i in range(0, len(order), micro_batch_size):
             batch = collate([[samples[j]] for j in order[i:i + micro_batch_size]], pad_token_id, device)
-            total += float(causal_lm_loss_sum(model, batch))
+            total += float(causal_lm_loss_sum(model, batch, head))
             count += trained_targets(batch["labels"])
     model.train()
     return total / max(count, 1)
@@ -255,6 +243,26 @@ def physical_cores() -> int:
     except OSError:
         pass
     return len(cores) or len(allowed)
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Make glibc's malloc keep the memory a CPU training step frees, for the next step to reuse.
+
+    Each step allocates its activations afresh (gigabytes) and frees them in the backward pass. By default
+    glibc gives large blocks back to the kernel at once, so every step faults its memory in again page by
+    page (measured: a fresh 6 MB tensor product took 1.2 ms against 0.23 ms in reused memory, and a step
+    spent a third of its CPU time in the kernel). Blocks up to 32 MB (the largest glibc allows) now come
+    from the heap, and the heap is not trimmed. Peak memory is unchanged: the step needs it anyway.
+    Returns False where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 * 1024 * 1024)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 class Distributed:
@@ -393,6 +401,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     device = dist_info.start()
     if device == "cpu":
         torch.set_num_threads(max(1, physical_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        keep_freed_memory_for_reuse()
     torch.manual_seed(params.seed)
     random.seed(params.seed)
 
@@ -451,6 +460,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
 
     metrics = MetricsWriter(run_dir / METRICS_FILE) if main else None
     pad_id = tokenizer.pad_token_id
+    output_head = plain_output_head(model)  # None: the loss goes through the model's full logits (trainer/loss.py)
     schedule_epoch, schedule = -1, []
     step, tokens = state["step"], state["tokens"]
     started = time.perf_counter() - state["elapsed_s"]
@@ -486,7 +496,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             else:
                 sync = contextlib.nullcontext() if last or not dist_info.enabled else model.no_sync()
             with sync:
-                loss = causal_lm_loss_sum(model, batch) * (weight * world / max(targets, 1))
+                loss = causal_lm_loss_sum(model, batch, output_head) * (weight * world / max(targets, 1))
                 loss.backward()
             loss_local += float(loss.detach()) / world
             tokens_here = batch["real_tokens"] if weight else 0
