@@ -207,7 +207,8 @@ def test_journey_data_train_evaluate(home, server, browser_page, tokenizer):
 
     # ---- a reload re-attaches to the running run -----------------------------------------------------
     page.reload()
-    expect(body.get_by_role("combobox", name="Run", exact=True)).to_have_value(f"{RUN} (running)", timeout=WAIT)
+    expect(body.get_by_role("combobox", name="Run", exact=True)).to_have_value(RUN, timeout=WAIT)
+    expect(body.get_by_text(f"Running now: {RUN}", exact=True)).to_be_visible()
     expect(body.get_by_text(f"{RUN}: running")).to_be_visible(timeout=WAIT)
     expect(progress).to_contain_text(re.compile(rf"step [1-9]\d* / {MAX_STEPS}"), timeout=WAIT)
     expect(chart.first).to_be_visible(timeout=WAIT)
@@ -233,6 +234,7 @@ def test_journey_data_train_evaluate(home, server, browser_page, tokenizer):
     expect(progress).to_contain_text(f"step {MAX_STEPS} / {MAX_STEPS}")
     expect(body.get_by_role("button", name="Stop", exact=True)).to_have_count(0)  # a finished run has no Stop
     expect(body.get_by_role("button", name="Resume from the newest checkpoint")).to_have_count(0)
+    expect(body.get_by_text(f"Running now: {RUN}", exact=True)).to_have_count(0, timeout=WAIT)
     steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
     assert steps == list(range(1, MAX_STEPS + 1)), "the resumed run continues the same step count"
     assert (run_dir / "adapter_model.safetensors").is_file()

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from trainer.data import _line_start_tokens, build_raw_samples, build_samples, chunk_spans, encode_with_offsets
+from trainer.data import (_line_start_tokens, build_raw_samples, build_samples, chunk_spans, encode_ahead,
+                          encode_with_offsets)
 from trainer.errors import DashboardError
 from trainer.params import TrainingParameters, decode_escapes
 
@@ -445,3 +446,10 @@ def test_a_truncating_backend_takes_the_ordinary_call(default_model_dir):
     ids, _ = encode_with_offsets(tok, [text])
     # The ordinary call resets the backend's truncation first, so every token comes back.
     assert ids == [tok(text, add_special_tokens=False)["input_ids"]] and len(ids[0]) > 3
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7, 100])
+def test_tokenising_ahead_in_batches_keeps_every_text_in_order(tokenizer, batch):
+    texts = [f"Block {i}:\n" + "word " * (i % 5) + "end." for i in range(10)]
+    ids, offsets = encode_with_offsets(tokenizer, texts)
+    assert list(encode_ahead(tokenizer, texts, batch=batch)) == list(zip(ids, offsets))

@@ -69,6 +69,9 @@ def test_padding_is_never_trained_and_padded_rows_match_alone(tiny_model_dir):
             assert torch.allclose(losses[r, :sample.n_tokens - 1], alone, atol=1e-5)
             assert (batch["labels"][r, sample.n_tokens:] == -100).all()
     assert batch["real_tokens"] == sum(s.n_tokens for s in samples)
+    # One sample per row: positions never restart, so transformers runs plain causal attention, no mask.
+    width = batch["input_ids"].shape[1]
+    assert (batch["position_ids"] == torch.arange(width)).all()
 
 
 @settings(max_examples=200, deadline=None)

@@ -92,6 +92,11 @@ def collate(rows: list[list[Sample]], pad_token_id: int, device) -> dict:
 
     Each sample's first label is ignored: in a packed row it would be predicted from the previous
     sample's last token, and in a row of its own it is never a target anyway.
+
+    Position ids restart at each sample, which makes transformers keep attention inside each sample. The
+    padding continues its row's last sample: under causal attention no real token sees the padding after
+    it, and its outputs are never trained, so it needs no mask. A batch of one sample per row therefore
+    has no restart at all and runs the plain causal attention, without building any mask.
     """
     width = max(sum(s.n_tokens for s in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
@@ -108,7 +113,8 @@ def collate(rows: list[list[Sample]], pad_token_id: int, device) -> dict:
             labels[r, at:at + n] = sample_labels
             position_ids[r, at:at + n] = torch.arange(n)
             at += n
-        position_ids[r, at:] = torch.arange(width - at)  # the padding: a block of its own
+        last = row[-1].n_tokens
+        position_ids[r, at:] = torch.arange(last, last + width - at)  # the padding continues the last sample
         real_tokens += at
     return {"input_ids": input_ids.to(device), "labels": labels.to(device), "position_ids": position_ids.to(device),
             "real_tokens": real_tokens}

@@ -114,8 +114,9 @@ class TrainingParameters:
                                       "advanced")
     group_by_length: bool = _p(True, "Batch samples of similar length together so little padding is computed.",
                                "advanced")
-    packing: bool = _p(True, "Pack several short samples into one row of cutoff length (each still attends only to "
-                              "itself), so no compute is spent on padding.", "advanced")
+    packing: bool = _p(False, "Pack several short samples into one row of cutoff length (each still attends only to "
+                               "itself). Off by default: with length grouping little padding is left, and on a CPU "
+                               "packed rows measured slower and used more memory (bench/RESULTS.md).", "advanced")
     seed: int = _p(0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0, 2**32 - 1)
     trust_remote_code: bool = _p(False, "Run the model folder's own Python code. Only for models you trust.",
                                  "advanced")

@@ -384,7 +384,8 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     from transformers import get_scheduler
 
     from . import batching
-    from .data import build_samples, no_samples_error, unmatched_rows_error
+    from .data import no_samples_error, unmatched_rows_error
+    from .samplecache import cached_build_samples
     from .models import bitsandbytes_problem, load_model, load_tokenizer
     from .params import TrainingParameters
 
@@ -405,15 +406,18 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     torch.manual_seed(params.seed)
     random.seed(params.seed)
 
-    # ---- data: the same function as `preview` ------------------------------------------------
+    # ---- data: the same function as `preview`, built once per content (trainer/samplecache.py) -------
     tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=_log)
-    preview = build_samples(params, tokenizer)
+    prepared = time.perf_counter()
+    preview, from_cache = cached_build_samples(params, tokenizer)
+    _log(f"Samples: {len(preview.samples)} {'read from the cache' if from_cache else 'prepared'} in "
+         f"{time.perf_counter() - prepared:.1f} s.")
     if not params.skip_unmatched_rows and (problem := unmatched_rows_error(preview)):
         raise problem
     if problem := no_samples_error(preview):
         raise problem
     samples = preview.samples
-    eval_samples = build_samples(params, tokenizer, params.eval_dataset).samples if params.eval_dataset else []
+    eval_samples = cached_build_samples(params, tokenizer, params.eval_dataset)[0].samples if params.eval_dataset else []
     units = batching.training_units([s.n_tokens for s in samples], params)
     lengths = [sum(samples[i].n_tokens for i in unit) for unit in units]
     # Every process runs `accumulation` micro-batches per step; together they make the global batch.

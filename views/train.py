@@ -261,8 +261,11 @@ names = [r.name for r in runs]
 default = st.session_state.get("active_run")
 if default not in names:
     default = live[0] if live else names[0]
-shown = st.selectbox("Run", names, index=names.index(default), key="shown_run",
-                     format_func=lambda n: f"{n} (running)" if n in live else n)
+# The options stay the plain names: a label that changes when a run starts or ends would make Streamlit
+# hand back the changed label instead of the chosen name.
+shown = st.selectbox("Run", names, index=names.index(default), key="shown_run")
+if live:
+    st.caption("Running now: " + ", ".join(live))
 
 
 def loss_chart(metrics: list[dict]) -> alt.Chart | None:
@@ -296,7 +299,7 @@ def follow(run_name: str, listed_as_live: bool) -> None:
     status = effective_status(run_dir) or {}
     state = status.get("state", "unknown")
     if (state in LIVE_STATES) != listed_as_live:
-        st.rerun(scope="app")  # the run started or ended: refresh the "(running)" labels of the run selector
+        st.rerun(scope="app")  # the run started or ended: refresh the "Running now" line above
     metrics = read_metrics(run_dir)
     last = next((r for r in reversed(metrics) if "loss" in r), {})
     step, total = status.get("step") or 0, status.get("total_steps") or 0
