@@ -470,6 +470,9 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     started = time.perf_counter() - state["elapsed_s"]
     window_start, window_tokens, recent_step_times = time.perf_counter(), 0, []
     end_state, reason = "completed", "reached the last step"
+    # Time the loop spends writing metrics, status and checkpoints (reported at the end: it must stay small).
+    bookkeeping_s = {"metrics and status": 0.0, "checkpoints": 0.0}
+    loop_started = time.perf_counter()
 
     # ---- the loop ------------------------------------------------------------------------------
     while step < total:
@@ -536,6 +539,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
                 update_status(run_dir, step=step, total_steps=total, epoch=step / per_epoch)
                 _log(f"step {step}/{total} loss {loss_total:.4f} lr {learning_rate:.3g} {speed:.0f} tok/s "
                      f"eta {eta:.0f}s")
+                bookkeeping_s["metrics and status"] += time.perf_counter() - now
             window_start, window_tokens = now, 0
 
         if eval_samples and (step % params.eval_steps == 0 or step == total):
@@ -555,6 +559,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             end_state, reason = "stopped", "a stop was requested"
             break
         if params.save_steps and step % params.save_steps == 0 and step < total:
+            saving_started = time.perf_counter()
             tokens_to_save = tokens + int(dist_info.sum(window_tokens))
             adapter_state, optimizer_state = full_states(model, optimizer, sharded)
             if main:
@@ -562,10 +567,14 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
                                 {"step": step, "tokens": tokens_to_save, "elapsed_s": time.perf_counter() - started,
                                  "total_steps": total}, adapter_state)
                 _log(f"saved checkpoint-{step}")
+            bookkeeping_s["checkpoints"] += time.perf_counter() - saving_started
             tokens, window_tokens = tokens_to_save, 0
             window_start = time.perf_counter()
             dist_info.barrier()
 
+    loop_s = time.perf_counter() - loop_started
+    _log("Bookkeeping in the loop: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in bookkeeping_s.items())
+         + f", of {loop_s:.1f} s ({100 * sum(bookkeeping_s.values()) / max(loop_s, 1e-9):.1f}%).")
     # ---- the end: adapter (and a checkpoint to resume from, when stopped early) -------------------
     tokens += int(dist_info.sum(window_tokens))
     adapter_state, optimizer_state = full_states(model, optimizer, sharded)
