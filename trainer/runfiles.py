@@ -20,6 +20,13 @@ LIVE_STATES = ("queued", "running")
 FINAL_STATES = ("completed", "stopped", "failed")
 
 
+def run_lock_file(run_dir: Path) -> Path:
+    """The lock taken around a run's start and the trainer's take-over (`with named_lock(run_lock_file(d))`):
+    two Start clicks at once cannot both launch, and the trainer waits for the launcher's `queued`."""
+    run_dir = Path(run_dir)
+    return run_dir.parent / ".locks" / f"{run_dir.name}.lock"
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
