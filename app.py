@@ -2,11 +2,7 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="LoRA training dashboard", page_icon="🧪", layout="wide")
+from views.common import app_pages
 
-pages = [
-    st.Page("views/data.py", title="Data", icon="📄", url_path="data", default=True),
-    st.Page("views/train.py", title="Train", icon="🏋️", url_path="train"),
-    st.Page("views/evaluate.py", title="Evaluate", icon="📈", url_path="evaluate"),
-]
-st.navigation(pages).run()
+st.set_page_config(page_title="LoRA training dashboard", page_icon="🧪", layout="wide")
+st.navigation(list(app_pages().values())).run()

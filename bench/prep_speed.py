@@ -35,7 +35,7 @@ CUTOFF, OVERLAP, NEWLINE_FAVOR = 256, 128, 128
 
 def make_text(path: Path, megabytes: float, seed: int = 0) -> dict:
     """Write about `megabytes` MB of varied copies of the user guide, copies separated by hard cuts."""
-    from trainer.data import read_text_file
+    from trainer.datafiles import read_text_file
 
     guide = read_text_file(ROOT / "datasets" / "user-guide.txt")
     paragraphs = [p for p in guide.split("\n\n") if p.strip()]
@@ -55,7 +55,8 @@ def make_text(path: Path, megabytes: float, seed: int = 0) -> dict:
 
 
 def worker(kind: str, text_file: str, result_file: str, model: str) -> None:
-    from trainer.data import build_samples, read_text_file
+    from trainer.data import build_samples
+    from trainer.datafiles import read_text_file
     from trainer.models import load_tokenizer
     from trainer.params import TrainingParameters
 

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.home import HOME_ENV
     from trainer.models import load_model, load_tokenizer
     from trainer.params import DEFAULT_MODEL, TrainingParameters
-    from trainer.train import build_optimizer, build_peft_model, causal_lm_loss_sum, keep_freed_memory_for_reuse
+    from trainer.lora import build_optimizer, build_peft_model
+    from trainer.loss import causal_lm_loss_sum
+    from trainer.train import keep_freed_memory_for_reuse
 
     os.environ.pop(HOME_ENV, None)
     params = TrainingParameters.from_dict({

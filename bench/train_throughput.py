@@ -323,7 +323,8 @@ def make_tiny_model(folder: Path, tokenizer_dir: Path) -> None:
 
 def prepare_dataset(kind: str, n: int, home: Path, base: dict, tokenizer, seed: int) -> tuple[dict, str]:
     """Write the data subset into the home's datasets/; the training parameters that use it, and a description."""
-    from trainer.data import build_samples, load_format, read_text_file
+    from trainer.data import build_samples
+    from trainer.datafiles import load_format, read_text_file
     from trainer.params import TrainingParameters
 
     if kind == "alpaca":

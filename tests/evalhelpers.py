@@ -9,11 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from trainer.home import CODE_ROOT, HOME_ENV
-from trainer.runfiles import process_start_time
+from trainer.processes import process_start_time
+
+from .trainhelpers import wait_for as poll_until
 
 TRAINED_PARAMS = {
     "base_model": "tiny-llama", "raw_text_file": "user-guide.txt", "cutoff_len": 64, "overlap_len": 16,
@@ -149,13 +150,8 @@ def make_big_run(home: Path, name: str = "big") -> Path:
 
 
 def wait_for(predicate, timeout: float = 120, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """trainhelpers.wait_for polling less often: these predicates read whole pages' worth of files."""
+    return poll_until(predicate, timeout, interval, what)
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -27,13 +27,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from streamlit.testing.v1 import AppTest
 
-from trainer.data import build_samples, load_format, load_rows
+from trainer.data import build_samples
+from trainer.datafiles import load_format, load_rows
 from trainer.errors import DashboardError
 from trainer.home import CODE_ROOT, HOME_ENV
 from trainer.params import DEFAULT_MODEL, TrainingParameters
 
 from .conftest import TINY_MODEL, _link_tree
 from .evalhelpers import copy_run, trained_run_source
+from .homefiles import snapshot
 
 DATA_PAGE = str(CODE_ROOT / "views" / "data.py")
 TRAIN_PAGE = str(CODE_ROOT / "views" / "train.py")
@@ -85,18 +87,6 @@ def write_bad_files(home: Path) -> None:
     (models / "garbage.gguf").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8)
 
 
-def snapshot(root: Path) -> dict:
-    """Every file with its size and mtime, and every folder. The lock file a GGUF conversion takes is the one
-    thing a failed load may leave (an empty hidden `.NAME.lock`, never removed: removing flock files races)."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.parent == root / "models" and path.name.startswith(".") and path.name.endswith(".lock"):
-            continue
-        found[rel] = (path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else "dir"
-    return found
-
-
 # ---- the command line: every case at once ----------------------------------------------------------
 PREVIEW_CASES = {
     "empty text file": (["--raw-text-file", "empty.txt"], ["No text left to train on", "empty"]),
@@ -112,12 +102,17 @@ PREVIEW_CASES = {
     "template names an unlisted field": (["--dataset", "dashboard-instructions.json", "--format", "unlisted-format"],
                                          ["unlisted-format.json", "%input%", "does not list"]),
     "cutoff abc": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "abc"],
-                   ["cutoff_len must be a whole number", "'abc'"]),
-    "cutoff -5": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "-5"], ["cutoff_len must be at least 8; got -5"]),
-    "cutoff 0": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "0"], ["cutoff_len must be at least 8; got 0"]),
-    "overlap -1": (["--raw-text-file", "user-guide.txt", "--overlap-len", "-1"], ["overlap_len must be at least 0"]),
-    "min chars 2.5": (["--raw-text-file", "user-guide.txt", "--min-chars", "2.5"], ["min_chars must be a whole number"]),
-    "cutoff 1e9": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "1e9"], ["cutoff_len must be at most 32768"]),
+                   ["Cutoff length (tokens) must be a whole number", "'abc'"]),
+    "cutoff -5": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "-5"],
+                  ["Cutoff length (tokens) must be at least 8; got -5"]),
+    "cutoff 0": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "0"],
+                 ["Cutoff length (tokens) must be at least 8; got 0"]),
+    "overlap -1": (["--raw-text-file", "user-guide.txt", "--overlap-len", "-1"],
+                   ["Overlap length (tokens) must be at least 0"]),
+    "min chars 2.5": (["--raw-text-file", "user-guide.txt", "--min-chars", "2.5"],
+                      ["Minimum block size (characters) must be a whole number"]),
+    "cutoff 1e9": (["--raw-text-file", "user-guide.txt", "--cutoff-len", "1e9"],
+                   ["Cutoff length (tokens) must be at most 32768"]),
     "model folder without weights": (["--model", "no-weights", "--raw-text-file", "user-guide.txt"],
                                      ["no-weights has no weights"]),
     "GGUF of an unknown architecture": (["--model", "mamba9.gguf", "--raw-text-file", "user-guide.txt"],
@@ -291,12 +286,12 @@ def test_data_page_previews_a_5mb_line_without_newline(bad_home):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("cutoff_len", -5, "cutoff_len must be at least 8; got -5."),
-    ("cutoff_len", 0, "cutoff_len must be at least 8; got 0."),
-    ("micro_batch_size", 0, "micro_batch_size must be at least 1; got 0."),
-    ("learning_rate", -0.001, "learning_rate must be above 0; got -0.001."),
-    ("learning_rate", 0.0, "learning_rate must be above 0; got 0."),
-    ("epochs", -1.0, "epochs must be above 0; got -1."),
+    ("cutoff_len", -5, "Cutoff length (tokens) must be at least 8; got -5."),
+    ("cutoff_len", 0, "Cutoff length (tokens) must be at least 8; got 0."),
+    ("micro_batch_size", 0, "Micro batch size must be at least 1; got 0."),
+    ("learning_rate", -0.001, "Learning rate must be above 0; got -0.001."),
+    ("learning_rate", 0.0, "Learning rate must be above 0; got 0."),
+    ("epochs", -1.0, "Epochs must be above 0; got -1."),
 ])
 def test_train_page_refuses_negative_and_zero_numbers(home, field, value, message):
     before = snapshot(home)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from trainer.runfiles import read_metrics, read_status
-from trainer.train import list_checkpoints
+from trainer.checkpoints import list_checkpoints
 
 from .browser_helpers import (CHROMIUM, CHROMIUM_ARGS, SECOND, Album, StreamlitServer, choose, end_processes_of, main,
                               metric, number_input, set_number, set_text, sidebar_link)
@@ -154,7 +154,7 @@ def test_journey_data_train_evaluate(home, server, browser_page, tokenizer):
     samples = metric(page, "Samples", body)
     expect(samples).to_have_text(f"{expected_samples(tokenizer, home, 256, 128):,}", timeout=WAIT)
 
-    set_number(body, "Overlap (tokens)", 32)
+    set_number(body, "Overlap length (tokens)", 32)
     after_overlap = expected_samples(tokenizer, home, 256, 32)
     expect(samples).to_have_text(f"{after_overlap:,}", timeout=WAIT)
     set_number(body, "Cutoff length (tokens)", 128)
@@ -168,21 +168,21 @@ def test_journey_data_train_evaluate(home, server, browser_page, tokenizer):
     # ---- Train: fill a short run on the tiny model ---------------------------------------------------
     sidebar_link(page, "Train").click()
     expect(body.get_by_role("heading", name="Train", exact=True)).to_be_visible(timeout=WAIT)
-    set_text(body, "Lora name", RUN)
+    set_text(body, "LoRA name", RUN)
     choose(page, body, "Base model", "tiny-llama")
     set_number(body, "Max steps", MAX_STEPS)
     body.get_by_role("tab", name="Data").click()
-    choose(page, body, "Raw text file", "user-guide.txt")
-    set_number(body, "Cutoff len", 64)
-    set_number(body, "Overlap len", 16)
+    choose(page, body, "Raw text file or folder", "user-guide.txt")
+    set_number(body, "Cutoff length (tokens)", 64)
+    set_number(body, "Overlap length (tokens)", 16)
     body.get_by_role("tab", name="Optimisation").click()
     set_number(body, "Micro batch size", 2)
     set_number(body, "Batch size", 2)
-    set_number(body, "Save steps", SAVE_STEPS)
+    set_number(body, "Save every n steps", SAVE_STEPS)
     # Fields the journey never touched keep their defaults. Under heavy CPU load the Train page has shown 0 in
     # the Optimisation tab's third column (num processes, warmup steps, max grad norm, logging steps): the
     # browser mounted those widgets at their element default instead of the value in session state.
-    for label, default in (("Num processes", "1"), ("Warmup steps", "10"), ("Max grad norm", "1"),
+    for label, default in (("Processes / GPUs", "1"), ("Warmup steps", "10"), ("Max grad norm", "1"),
                            ("Logging steps", "1")):
         with errors_shown(body, f"the untouched field {label!r} changed"):
             expect(number_input(body, label)).to_have_value(default)

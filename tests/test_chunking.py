@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from trainer.data import (_line_start_tokens, build_raw_samples, build_samples, chunk_spans, encode_ahead,
-                          encode_with_offsets)
+from trainer.chunking import _line_start_tokens, build_raw_samples, chunk_spans, encode_ahead
+from trainer.data import build_samples, encode_with_offsets
 from trainer.errors import DashboardError
 from trainer.params import TrainingParameters, decode_escapes
 

@@ -83,7 +83,7 @@ def test_bad_input_exits_with_a_clear_error(home):
         (["--raw-text-file", "no-such-file.txt"], ["not found", "no-such-file.txt"]),
         (["--raw-text-file", "latin1.txt"], ["latin1.txt is not UTF-8", "byte offset 20"]),
         (["--dataset", "no-such-set.json", "--format", "alpaca-format"], ["Dataset not found"]),
-        (["--raw-text-file", "user-guide.txt", "--cutoff-len", "many"], ["cutoff_len must be a whole number", "'many'"]),
+        (["--raw-text-file", "user-guide.txt", "--cutoff-len", "many"], ["Cutoff length (tokens) must be a whole number", "'many'"]),
         (["--dataset", "dashboard-instructions.json", "--format", "no-such-format"], ["Format file not found"]),
     ]
     processes = [(start(home, *args, "--json"), expected) for args, expected in cases]

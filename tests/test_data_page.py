@@ -255,3 +255,50 @@ def test_settings_go_to_the_train_page_and_survive_a_page_switch(home):
     assert at.radio(key="dp_mode").value == "Formatted JSON"
     assert at.text_input(key="dp_train_only_after").value == "### Response:"
     assert "tok-masked" in samples_html(at)
+
+
+# ---- one description of each field, one rule for datasets ---------------------------------------------
+def test_both_pages_draw_a_field_with_its_one_label(home):
+    from trainer.params import label
+
+    data = open_page()
+    train = AppTest.from_file(str(PAGE.parent / "train.py"), default_timeout=120).run()
+    assert not train.exception, train.exception
+    for name in ("cutoff_len", "overlap_len", "min_chars", "newline_favor_len"):
+        assert data.number_input(key="dp_" + name).label == label(name) == train.number_input(key="tp_" + name).label
+    for name in ("add_eos_token", "add_bos_token"):
+        assert data.checkbox(key="dp_" + name).label == label(name) == train.checkbox(key="tp_" + name).label
+    assert data.selectbox(key="dp_dataset_raw").label == label("raw_text_file")
+    assert train.selectbox(key="tp_raw_text_file").label == label("raw_text_file")
+    assert label("cutoff_len") == "Cutoff length (tokens)" and label("lora_name") == "LoRA name"
+
+
+def test_the_options_of_each_kind_of_data_come_from_the_parameter_metadata():
+    from trainer.preview import option_rows
+
+    assert option_rows("raw") == [["cutoff_len", "overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"],
+                                  ["add_eos_token", "add_bos_token"]]
+    assert option_rows("formatted") == [["format", "cutoff_len", "train_only_after", "overlong_samples"],
+                                        ["add_eos_token", "add_bos_token"]]
+
+
+def test_one_rule_says_which_files_are_datasets(home):
+    from trainer.datafiles import dataset_names, kind_by_ending, raw_text_files
+
+    datasets = home / "datasets"
+    (datasets / "parts").mkdir()
+    for name in ("part10.txt", "Part2.TXT", "notes.md"):
+        (datasets / "parts" / name).write_text("text", encoding="utf-8")
+    (datasets / "no-text").mkdir()
+    (datasets / "no-text" / "a.json").write_text("[]", encoding="utf-8")
+    (datasets / "rows.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
+    (datasets / "table.csv").write_text("a,b\n", encoding="utf-8")
+    (datasets / ".hidden.txt").write_text("text", encoding="utf-8")
+    assert dataset_names("raw") == ["general-text.txt", "parts", "user-guide.txt"]
+    assert dataset_names("formatted") == ["dashboard-instructions.json", "rows.jsonl"]
+    assert dataset_names() == ["dashboard-instructions.json", "general-text.txt", "parts", "rows.jsonl",
+                               "user-guide.txt"]
+    assert dataset_names("raw", folders=False) == ["general-text.txt", "user-guide.txt"]
+    assert [p.name for p in raw_text_files(datasets / "parts")] == ["Part2.TXT", "part10.txt"]  # natural order
+    assert [kind_by_ending(n) for n in ("a.txt", "a.JSON", "a.jsonl", "a.csv", "a")] == \
+        ["raw", "formatted", "formatted", None, None]

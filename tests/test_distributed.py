@@ -1,15 +1,20 @@
-"""Several processes through torchrun on the CPU (gloo): same curve as one process, stop, a failing rank."""
+"""Several processes through torchrun on the CPU (gloo): same curve as one process, stop, a failing rank (the run
+names the rank that broke, whatever order the processes die in)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+from trainer import train as trainer_train
+from trainer.distributed import lost_a_peer
 from trainer.home import CODE_ROOT
-from trainer.runfiles import read_metrics, request_stop
+from trainer.runfiles import read_metrics, read_status, request_stop, update_status
 from trainer.runs import free_port
 
 from .trainhelpers import metrics_of, run_trainer, status_of, wait_for, write_run
@@ -78,6 +83,72 @@ def test_a_failing_rank_fails_the_run_with_its_message(home):
     assert status["state"] == "failed"
     assert status["failed_rank"] == 1
     assert "Rank 1 of 2 failed" in status["error"] and "disk on fire" in status["error"]
+
+
+class Rank:
+    """What failure recording reads of trainer.distributed.Distributed: one rank of a two-process run."""
+
+    def __init__(self, rank: int, world: int = 2):
+        self.rank, self.world, self.enabled, self.is_main = rank, world, True, rank == 0
+
+
+def _run_folder(tmp_path, name="race"):
+    run_dir = tmp_path / "loras" / name
+    run_dir.mkdir(parents=True)
+    update_status(run_dir, state="running", failed_rank=None, error=None)
+    return run_dir
+
+
+def test_the_first_failure_recorded_wins(tmp_path):
+    run_dir = _run_folder(tmp_path)
+    trainer_train._record_failure(run_dir, Rank(1), "RuntimeError: disk on fire")
+    trainer_train._record_failure(run_dir, Rank(0), "RuntimeError: Connection closed by peer")
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and status["failed_rank"] == 1
+    assert status["error"] == "Rank 1 of 2 failed: RuntimeError: disk on fire"
+
+
+def test_a_rank_that_lost_its_peer_waits_for_the_peers_own_failure(tmp_path):
+    """Whatever order the processes die in: the peer's report, arriving later, still names the run's failure."""
+    run_dir = _run_folder(tmp_path)
+    late = threading.Timer(0.5, trainer_train._record_failure, (run_dir, Rank(1), "RuntimeError: disk on fire"))
+    late.start()
+    trainer_train._record_failure(run_dir, Rank(0), "RuntimeError: Connection closed by peer", lost_peer=True)
+    late.join()
+    status = read_status(run_dir)
+    assert status["failed_rank"] == 1 and "disk on fire" in status["error"]
+
+
+def test_a_rank_that_lost_its_peer_reports_itself_when_no_failure_arrives(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_train, "PEER_FAILURE_WAIT_S", 0.2)
+    run_dir = _run_folder(tmp_path)
+    trainer_train._record_failure(run_dir, Rank(0), "RuntimeError: Connection closed by peer", lost_peer=True)
+    status = read_status(run_dir)
+    assert status["failed_rank"] == 0 and "Rank 0 of 2 failed" in status["error"]
+
+
+def test_rank_0_progress_writes_never_overwrite_a_failure(tmp_path):
+    """Rank 0 writes its step while another rank records its failure: neither write is lost."""
+    for attempt in range(5):
+        run_dir = _run_folder(tmp_path, f"race{attempt}")
+        progress = threading.Thread(target=lambda: [trainer_train._set_status(run_dir, step=s) for s in range(40)])
+        progress.start()
+        time.sleep(0.01 * attempt)
+        trainer_train._record_failure(run_dir, Rank(1), "RuntimeError: disk on fire")
+        progress.join()
+        status = read_status(run_dir)
+        assert status["state"] == "failed" and status["failed_rank"] == 1 and status["step"] == 39
+
+
+def test_only_a_failed_collective_counts_as_a_lost_peer():
+    import torch.distributed as dist
+
+    assert lost_a_peer(dist.DistNetworkError("Connection reset by peer"))
+    assert not lost_a_peer(RuntimeError("disk on fire"))
+    try:
+        raise RuntimeError("out of memory")
+    except RuntimeError as own:
+        assert not lost_a_peer(own)
 
 
 def test_fsdp_shards_the_model_and_trains_like_one_process(home):

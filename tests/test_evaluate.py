@@ -1,4 +1,5 @@
-"""Unit tests of trainer.evaluation: reading runs (ours and webui's), chart data, results, forgetting, prompts."""
+"""Unit tests of the Evaluate page's trainer modules (metrics, runtable, charts, results, generate, adapters):
+reading runs (ours and webui's), chart data, results, forgetting, prompts, one base model for every adapter."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer import evaluation as ev
-from trainer.data import load_format
+from trainer.adapters import BaseWithAdapters
+from trainer.charts import CHARTS, MAX_CHART_ROWS, chart_data, downsample_indices, ema, metric_chart, perplexity_chart
+from trainer.datafiles import load_format
 from trainer.errors import DashboardError
+from trainer.generate import apply_chat_template, apply_format, generate_text
 from trainer.home import CODE_ROOT
+from trainer.metrics import as_metrics_frame, metrics_frame
+from trainer.results import (
+    RESULT_COLUMNS, adapter_run_name, append_result, checkpoint_results, evaluation_key, find_result,
+    forgetting_ratio, forgetting_result, forgetting_sentence, read_results, results_dir, results_frame,
+    results_path, run_data_text, save_comments, save_text, texts_dir,
+)
+from trainer.runtable import parameter_differences, run_summary, runs_table
 
 from .evalhelpers import (
     BIG_LINES, ZERO_STEP, copy_run, eval_line, make_big_run, make_run, make_running_run, make_webui_run,
@@ -28,7 +38,7 @@ from .evalhelpers import (
 
 def test_metrics_frame_reads_train_and_eval_lines(home):
     run_dir = make_run(home, "r", losses=[2.0, 1.5, 0.0, 1.2], evals={2: 1.7, 4: 1.6})
-    frame = ev.metrics_frame(run_dir)
+    frame = metrics_frame(run_dir)
     assert list(frame.loc[~frame["is_eval"], "loss"]) == [2.0, 1.5, 0.0, 1.2]  # 0.0 is a value
     assert list(frame.loc[frame["is_eval"], "eval_loss"]) == [1.7, 1.6]
     assert list(frame.loc[frame["is_eval"], "step"]) == [2, 4]
@@ -40,7 +50,7 @@ def test_metrics_frame_skips_torn_and_broken_lines_and_reads_nan_strings(home):
         handle.write("{not json\n")
         handle.write(json.dumps({"step": 2, "loss": "nan", "tokens": 10}) + "\n")
         handle.write('{"step": 3, "loss": 1.')  # torn: the trainer is writing it right now
-    frame = ev.metrics_frame(run_dir)
+    frame = metrics_frame(run_dir)
     assert list(frame["step"]) == [1, 2]
     assert math.isnan(frame["loss"].iloc[1])
 
@@ -48,22 +58,22 @@ def test_metrics_frame_skips_torn_and_broken_lines_and_reads_nan_strings(home):
 def test_metrics_frame_follows_a_growing_file(home):
     run_dir = make_run(home, "r", losses=[3.0, 2.5])
     path = run_dir / "metrics.jsonl"
-    assert len(ev.metrics_frame(run_dir)) == 2
+    assert len(metrics_frame(run_dir)) == 2
     with open(path, "a") as handle:
         handle.write(train_line(3, 10, 2.0, 6.0))
         handle.write(train_line(4, 10, 1.9, 8.0)[:20])  # torn
-    assert list(ev.metrics_frame(run_dir)["step"]) == [1, 2, 3]
+    assert list(metrics_frame(run_dir)["step"]) == [1, 2, 3]
     with open(path, "a") as handle:
         handle.write(train_line(4, 10, 1.9, 8.0)[20:])
         handle.write(eval_line(4, 10, 1.8))
-    frame = ev.metrics_frame(run_dir)
+    frame = metrics_frame(run_dir)
     assert list(frame["step"]) == [1, 2, 3, 4, 4]
     assert frame["is_eval"].tolist() == [False, False, False, False, True]
     # A rewritten file (a resumed run truncates its metrics) is read from scratch.
     tmp = path.with_suffix(".tmp")
     tmp.write_text(train_line(1, 10, 9.0, 1.0))
     os.replace(tmp, path)
-    assert ev.metrics_frame(run_dir)["loss"].tolist() == [9.0]
+    assert metrics_frame(run_dir)["loss"].tolist() == [9.0]
 
 
 # ---- run summaries and the runs table --------------------------------------------------------------
@@ -71,7 +81,7 @@ def test_metrics_frame_follows_a_growing_file(home):
 
 def test_summary_of_a_completed_run(home):
     run_dir = make_run(home, "done", losses=[2.0, 1.0, 1.4], evals={3: 1.3})
-    row = ev.run_summary(run_dir)
+    row = run_summary(run_dir)
     assert row["state"] == "completed" and row["source"] == "dashboard"
     assert (row["step"], row["total steps"]) == (3, 3)
     assert row["final loss"] == 1.4 and row["best loss"] == 1.0 and row["best eval loss"] == 1.3
@@ -86,22 +96,22 @@ def test_summary_states_failed_running_and_dead(home):
     running = make_running_run(home)
     dead = make_run(home, "dead", losses=[2.0], state=None)
     write_status(dead, "running", pid=2**22 + 12345, pid_start_time=1)  # no such process
-    assert ev.run_summary(failed)["state"] == "failed"
-    assert ev.run_summary(failed)["error"] == "Out of memory. Lower the batch."
-    assert ev.run_summary(running)["state"] == "running"
-    assert (ev.run_summary(running)["step"], ev.run_summary(running)["total steps"]) == (3, 50)
-    assert ev.run_summary(dead)["state"] == "failed"  # its process is gone
+    assert run_summary(failed)["state"] == "failed"
+    assert run_summary(failed)["error"] == "Out of memory. Lower the batch."
+    assert run_summary(running)["state"] == "running"
+    assert (run_summary(running)["step"], run_summary(running)["total steps"]) == (3, 50)
+    assert run_summary(dead)["state"] == "failed"  # its process is gone
 
 
 @pytest.mark.parametrize("as_list", [False, True])
 def test_webui_run_is_read_from_its_training_log(home, as_list):
     run_dir = make_webui_run(home, log_as_list=as_list)
-    row = ev.run_summary(run_dir)
+    row = run_summary(run_dir)
     assert row["source"] == "webui" and row["state"] == "completed"  # its adapter is saved
     assert row["base model"] == "tiny-llama" and row["final loss"] == 1.7 and row["step"] == 30
     assert row["learning rate"] == pytest.approx(3e-4) and row["rank"] == 32  # "3e-4" read as a number
     assert row["data"] == "user-guide"  # the webui's "None" dataset is no dataset
-    frame = ev.metrics_frame(run_dir)
+    frame = metrics_frame(run_dir)
     assert frame["loss"].tolist() == ([2.9, 2.1, 1.7] if as_list else [1.7])
 
 
@@ -109,7 +119,7 @@ def test_runs_table_lists_every_run(home):
     make_run(home, "a", losses=[1.0])
     make_webui_run(home)
     make_running_run(home)
-    table = ev.runs_table()
+    table = runs_table()
     assert set(table["run"]) == {"a", "webui-lora", "running"}
     assert table.set_index("run").loc["running", "state"] == "running"
     assert str(table["started"].dtype).startswith("datetime64")  # sortable by date
@@ -118,10 +128,10 @@ def test_runs_table_lists_every_run(home):
 def test_parameter_differences(home):
     a = make_run(home, "a", params={"lora_rank": 8, "learning_rate": 3e-4})
     b = make_run(home, "b", params={"lora_rank": 16, "learning_rate": "3e-4"})
-    differences = ev.parameter_differences([a, b])
+    differences = parameter_differences([a, b])
     assert list(differences.index) == ["lora_rank"]  # "3e-4" equals 3e-4; the names are not compared
     assert differences.loc["lora_rank"].tolist() == ["8", "16"]
-    assert ev.parameter_differences([a]).empty
+    assert parameter_differences([a]).empty
 
 
 # ---- smoothing and downsampling -------------------------------------------------------------------------
@@ -129,15 +139,15 @@ def test_parameter_differences(home):
 
 def test_ema_is_the_bias_corrected_moving_average():
     values = np.array([4.0, 2.0, np.nan, 1.0])
-    smoothed = ev.ema(values, 0.5)
+    smoothed = ema(values, 0.5)
     # s1 = 4; s2 = (0.5*4 + 2) / (1 + 0.5); NaN skipped; s4 = (0.25*4 + 0.5*2 + 1) / (1 + 0.5 + 0.25)
     assert smoothed[0] == pytest.approx(4.0)
     assert smoothed[1] == pytest.approx((0.5 * 4 + 2) / 1.5)
     assert math.isnan(smoothed[2])
     assert smoothed[3] == pytest.approx((0.25 * 4 + 0.5 * 2 + 1) / 1.75)
-    assert np.array_equal(ev.ema(values, 0.0), values, equal_nan=True)
+    assert np.array_equal(ema(values, 0.0), values, equal_nan=True)
     with pytest.raises(DashboardError):
-        ev.ema(values, 1.0)
+        ema(values, 1.0)
 
 
 def test_downsampling_is_bounded_and_keeps_extremes_and_zero():
@@ -145,30 +155,30 @@ def test_downsampling_is_bounded_and_keeps_extremes_and_zero():
     values = 2 + rng.random(200_003)
     values[123_457] = 0.0
     values[77] = 99.0
-    keep = ev.downsample_indices(values, 2000)
+    keep = downsample_indices(values, 2000)
     assert len(keep) <= 2000
     assert 123_457 in keep and 77 in keep and 0 in keep and 200_002 in keep
     assert np.all(np.diff(keep) > 0)
-    assert len(ev.downsample_indices(values[:500], 2000)) == 500  # short series are kept whole
+    assert len(downsample_indices(values[:500], 2000)) == 500  # short series are kept whole
 
 
 def test_chart_data_of_200k_lines_is_bounded_and_fast(home):
     big = make_big_run(home)
     small = make_run(home, "small", losses=[3.0, 2.0, 1.0], evals={3: 1.5})
     started = time.perf_counter()
-    frame = ev.metrics_frame(big)
+    frame = metrics_frame(big)
     parsed = time.perf_counter()
-    frames = {"big": frame, "small": ev.metrics_frame(small)}
-    data = ev.chart_data(frames, "step", 0.9)
+    frames = {"big": frame, "small": metrics_frame(small)}
+    data = chart_data(frames, "step", 0.9)
     built = time.perf_counter()
-    charts = [ev.metric_chart(data[name], name, data["x_title"]) for name in ev.CHARTS]
+    charts = [metric_chart(data[name], name, data["x_title"]) for name in CHARTS]
     specs = [chart.to_dict() for chart in charts]  # Altair's default 5,000-row limit applies here
     drawn = time.perf_counter()
     print(f"\n200k-line metrics: parse {parsed - started:.3f} s (once; cached after), chart data "
           f"{built - parsed:.3f} s, Altair specs {drawn - built:.3f} s, cached re-read "
-          f"{_timed(lambda: ev.metrics_frame(big)):.4f} s")
+          f"{_timed(lambda: metrics_frame(big)):.4f} s")
     assert len(frame) == BIG_LINES + BIG_LINES // 1000
-    for name in ev.CHARTS:
+    for name in CHARTS:
         chart = data[name]
         assert len(chart) <= 5000, name
         assert chart.groupby(["run", "series"]).size().max() <= 2000
@@ -189,24 +199,24 @@ def _timed(function) -> float:
 
 def test_chart_data_x_axes(home):
     run_dir = make_run(home, "r", losses=[3.0, 2.0, 1.0, 0.5], evals={2: 2.5})
-    frames = {"r": ev.metrics_frame(run_dir)}
-    by_epoch = ev.chart_data(frames, "epoch", 0.0)
+    frames = {"r": metrics_frame(run_dir)}
+    by_epoch = chart_data(frames, "epoch", 0.0)
     assert by_epoch["x_title"] == "Epoch"
     assert set(by_epoch["loss"]["series"]) == {"loss", "eval loss"}  # no smoothing: no smoothed line
     assert by_epoch["loss"].query("series == 'loss'")["x"].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
-    by_time = ev.chart_data(frames, "time", 0.5)
+    by_time = chart_data(frames, "time", 0.5)
     assert by_time["x_title"] == "Time (s)"
     # the eval line has no time of its own: it gets the time of its step
     assert by_time["eval_perplexity"]["x"].tolist() == [4.0]
     assert by_time["eval_perplexity"]["value"].tolist() == pytest.approx([math.exp(2.5)])
     with pytest.raises(DashboardError):
-        ev.chart_data(frames, "wallclock")
+        chart_data(frames, "wallclock")
 
 
 def test_webui_run_has_no_time_axis_but_draws_by_step(home):
-    frames = {"w": ev.metrics_frame(make_webui_run(home, log_as_list=True))}
-    assert ev.chart_data(frames, "time")["loss"].empty
-    assert ev.chart_data(frames, "step", 0.0)["loss"]["x"].tolist() == [10, 20, 30]
+    frames = {"w": metrics_frame(make_webui_run(home, log_as_list=True))}
+    assert chart_data(frames, "time")["loss"].empty
+    assert chart_data(frames, "step", 0.0)["loss"]["x"].tolist() == [10, 20, 30]
 
 
 def test_chart_data_stays_under_altair_limit_with_many_runs():
@@ -214,13 +224,13 @@ def test_chart_data_stays_under_altair_limit_with_many_runs():
     frames = {}
     for i in range(6):
         n = 30_000
-        frames[f"run{i}"] = ev._finish(pd.DataFrame({
+        frames[f"run{i}"] = as_metrics_frame(pd.DataFrame({
             "step": np.arange(1, n + 1), "epoch": np.arange(1, n + 1) / 1000, "loss": rng.random(n),
             "learning_rate": np.full(n, 1e-4), "tokens_per_second": rng.random(n) * 1000,
             "elapsed_s": np.arange(1, n + 1) * 1.0}))
-    data = ev.chart_data(frames, "time", 0.6)
-    assert all(len(data[name]) <= ev.MAX_CHART_ROWS for name in ev.CHARTS)
-    ev.metric_chart(data["loss"], "loss", data["x_title"]).to_dict()  # no MaxRowsError
+    data = chart_data(frames, "time", 0.6)
+    assert all(len(data[name]) <= MAX_CHART_ROWS for name in CHARTS)
+    metric_chart(data["loss"], "loss", data["x_title"]).to_dict()  # no MaxRowsError
     assert alt.data_transformers.active == "default"
 
 
@@ -228,81 +238,81 @@ def test_chart_data_stays_under_altair_limit_with_many_runs():
 
 
 def _record(home, perplexity: float, adapter=None, stride: int = 64, **extra) -> dict:
-    key = ev.evaluation_key("tiny-llama", adapter, home / "datasets" / "general-text.txt", stride, 128)
-    return {**key, "adapter": ev.adapter_run_name(adapter), "dataset": "general-text.txt", "tokens": 100,
+    key = evaluation_key("tiny-llama", adapter, home / "datasets" / "general-text.txt", stride, 128)
+    return {**key, "adapter": adapter_run_name(adapter), "dataset": "general-text.txt", "tokens": 100,
             "perplexity": perplexity, **extra}
 
 
 def test_results_are_stored_found_and_reused(home):
-    first = ev.append_result(_record(home, 12.5))
+    first = append_result(_record(home, 12.5))
     assert first["id"] and first["date"] and first["comment"] == ""
-    assert ev.find_result(_record(home, 0)) == first
-    assert ev.append_result(_record(home, 99.0)) == first  # identical evaluation: the stored one is kept
-    assert ev.find_result(_record(home, 0, stride=32)) is None
-    assert len(ev.read_results()) == 1
-    lines = ev.results_path().read_text().splitlines()
+    assert find_result(_record(home, 0)) == first
+    assert append_result(_record(home, 99.0)) == first  # identical evaluation: the stored one is kept
+    assert find_result(_record(home, 0, stride=32)) is None
+    assert len(read_results()) == 1
+    lines = results_path().read_text().splitlines()
     assert json.loads(lines[0])["perplexity"] == 12.5
 
 
 def test_identical_means_same_text_content_and_adapter_weights(home, tiny_model_dir, tmp_path_factory):
     run_dir = copy_run(trained_run_source(tiny_model_dir, tmp_path_factory.mktemp("src")), home)
-    stored = ev.append_result(_record(home, 10.0, adapter=run_dir))
+    stored = append_result(_record(home, 10.0, adapter=run_dir))
     assert stored["checkpoint"] == "final" and stored["adapter"] == "trained"
     assert stored["adapter_path"] == "loras/trained"
-    assert ev.find_result(_record(home, 0, adapter=run_dir / "checkpoint-2")) is None
+    assert find_result(_record(home, 0, adapter=run_dir / "checkpoint-2")) is None
     (run_dir / "adapter_model.safetensors").write_bytes(b"retrained")  # same path, new weights
-    assert ev.find_result(_record(home, 0, adapter=run_dir)) is None
+    assert find_result(_record(home, 0, adapter=run_dir)) is None
     text = home / "datasets" / "general-text.txt"
-    base = ev.append_result(_record(home, 8.0))
+    base = append_result(_record(home, 8.0))
     text.write_text(text.read_text() + " changed")
-    assert ev.find_result(_record(home, 0)) is None and base["dataset_sha256"]
+    assert find_result(_record(home, 0)) is None and base["dataset_sha256"]
 
 
 def test_comments_are_saved_atomically(home):
-    a = ev.append_result(_record(home, 10.0))
-    b = ev.append_result(_record(home, 11.0, stride=32))
-    assert ev.save_comments({a["id"]: "baseline, first try"}) == 1
-    assert ev.save_comments({a["id"]: "baseline, first try"}) == 0  # nothing changed: file not rewritten
-    records = {r["id"]: r for r in ev.read_results()}
+    a = append_result(_record(home, 10.0))
+    b = append_result(_record(home, 11.0, stride=32))
+    assert save_comments({a["id"]: "baseline, first try"}) == 1
+    assert save_comments({a["id"]: "baseline, first try"}) == 0  # nothing changed: file not rewritten
+    records = {r["id"]: r for r in read_results()}
     assert records[a["id"]]["comment"] == "baseline, first try"
     assert records[b["id"]]["comment"] == "" and records[b["id"]]["perplexity"] == 11.0
-    assert not list(ev.results_dir().glob(".perplexity.jsonl.*.tmp"))
-    frame = ev.results_frame()
+    assert not list(results_dir().glob(".perplexity.jsonl.*.tmp"))
+    frame = results_frame()
     assert list(frame.index) == [b["id"], a["id"]]  # newest first, indexed by id
-    assert list(frame.columns) == ev.RESULT_COLUMNS
+    assert list(frame.columns) == RESULT_COLUMNS
 
 
 def test_checkpoint_results_put_the_base_model_at_step_zero(home, tiny_model_dir, tmp_path_factory):
     run_dir = copy_run(trained_run_source(tiny_model_dir, tmp_path_factory.mktemp("src")), home)
-    ev.append_result(_record(home, 20.0))
-    ev.append_result(_record(home, 18.0, adapter=run_dir / "checkpoint-2"))
-    ev.append_result(_record(home, 17.0, adapter=run_dir))
-    curve = ev.checkpoint_results(run_dir)
+    append_result(_record(home, 20.0))
+    append_result(_record(home, 18.0, adapter=run_dir / "checkpoint-2"))
+    append_result(_record(home, 17.0, adapter=run_dir))
+    curve = checkpoint_results(run_dir)
     assert curve[["step", "perplexity"]].values.tolist() == [[0, 20.0], [2, 18.0], [6, 17.0]]
-    assert ev.perplexity_chart(curve).to_dict()
+    assert perplexity_chart(curve).to_dict()
 
 
 # ---- forgetting --------------------------------------------------------------------------------------------
 
 
 def test_forgetting_ratio_in_plain_words():
-    assert ev.forgetting_ratio(10.0, 13.0) == pytest.approx(1.3)
-    assert "1.30 times more surprised by general text" in ev.forgetting_sentence(1.3)
-    assert "some forgetting" in ev.forgetting_sentence(1.3)
-    assert "strong forgetting" in ev.forgetting_sentence(2.0)
-    assert "1.25 times less surprised by general text" in ev.forgetting_sentence(0.8)
-    assert "about as surprised" in ev.forgetting_sentence(1.001)
+    assert forgetting_ratio(10.0, 13.0) == pytest.approx(1.3)
+    assert "1.30 times more surprised by general text" in forgetting_sentence(1.3)
+    assert "some forgetting" in forgetting_sentence(1.3)
+    assert "strong forgetting" in forgetting_sentence(2.0)
+    assert "1.25 times less surprised by general text" in forgetting_sentence(0.8)
+    assert "about as surprised" in forgetting_sentence(1.001)
     with pytest.raises(DashboardError):
-        ev.forgetting_ratio(0.0, 1.0)
+        forgetting_ratio(0.0, 1.0)
 
 
 def test_forgetting_result_from_stored_results(home, tiny_model_dir, tmp_path_factory):
     run_dir = copy_run(trained_run_source(tiny_model_dir, tmp_path_factory.mktemp("src")), home)
     text = home / "datasets" / "general-text.txt"
-    assert ev.forgetting_result("tiny-llama", run_dir, text, 64, 128) is None
-    ev.append_result(_record(home, 10.0))
-    ev.append_result(_record(home, 13.0, adapter=run_dir))
-    found = ev.forgetting_result("tiny-llama", run_dir, text, 64, 128)
+    assert forgetting_result("tiny-llama", run_dir, text, 64, 128) is None
+    append_result(_record(home, 10.0))
+    append_result(_record(home, 13.0, adapter=run_dir))
+    found = forgetting_result("tiny-llama", run_dir, text, 64, 128)
     assert found["ratio"] == pytest.approx(1.3)
     assert "1.30 times more surprised" in found["sentence"]
 
@@ -312,10 +322,10 @@ def test_forgetting_result_from_stored_results(home, tiny_model_dir, tmp_path_fa
 
 def test_run_data_text_raw_and_formatted(home):
     raw = make_run(home, "raw")
-    assert ev.run_data_text(raw) == (home / "datasets" / "user-guide.txt").read_text()
+    assert run_data_text(raw) == (home / "datasets" / "user-guide.txt").read_text()
     formatted = make_run(home, "fmt", params={"dataset": "dashboard-instructions.json", "format": "alpaca-format",
                                               "raw_text_file": ""})
-    text = ev.run_data_text(formatted)
+    text = run_data_text(formatted)
     rows = json.loads((home / "datasets" / "dashboard-instructions.json").read_text())
     fmt = load_format(CODE_ROOT / "formats" / "alpaca-format.json")
     matched = [row for row in rows if fmt.match(row)]
@@ -323,26 +333,68 @@ def test_run_data_text_raw_and_formatted(home):
     assert text.count("### Instruction:") == len(matched)
     assert matched[0]["output"] in text
     with pytest.raises(DashboardError, match="no eval data"):
-        ev.run_data_text(raw, "eval")
-    path = ev.save_text(text, "fmt: training data")
-    assert path.parent == ev.texts_dir() and path.read_text() == text
-    assert ev.save_text(text, "fmt: training data") == path  # same content, same file
+        run_data_text(raw, "eval")
+    path = save_text(text, "fmt: training data")
+    assert path.parent == texts_dir() and path.read_text() == text
+    assert save_text(text, "fmt: training data") == path  # same content, same file
 
 
 def test_apply_format_stops_where_the_output_begins():
-    alpaca = ev.apply_format("alpaca-format", "Name three colours.")
+    alpaca = apply_format("alpaca-format", "Name three colours.")
     assert alpaca.endswith("### Instruction:\nName three colours.\n\n### Response:\n")
-    chatml = ev.apply_format("chatml-format", "Hi")
+    chatml = apply_format("chatml-format", "Hi")
     assert chatml == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"  # not closed after the answer
     assert "%" not in alpaca + chatml
 
 
 def test_generation_is_reproducible(home, tokenizer):
-    model = ev.load_for_generation("tiny-llama")
-    greedy = [ev.generate_text(model, tokenizer, "The dashboard", 8, 0.0, seed) for seed in (0, 1)]
+    with BaseWithAdapters("tiny-llama").using(None) as model:
+        greedy = [generate_text(model, tokenizer, "The dashboard", 8, 0.0, seed) for seed in (0, 1)]
+        sampled = [generate_text(model, tokenizer, "The dashboard", 8, 1.0, 5) for _ in range(2)]
+        with pytest.raises(DashboardError):
+            generate_text(model, tokenizer, "", 8)
     assert greedy[0] == greedy[1] and greedy[0]  # greedy ignores the seed
-    sampled = [ev.generate_text(model, tokenizer, "The dashboard", 8, 1.0, 5) for _ in range(2)]
     assert sampled[0] == sampled[1]  # the same seed gives the same sample
-    assert "<|im_start|>assistant" in ev.apply_chat_template(tokenizer, "Hi")
-    with pytest.raises(DashboardError):
-        ev.generate_text(model, tokenizer, "", 8)
+    assert "<|im_start|>assistant" in apply_chat_template(tokenizer, "Hi")
+
+
+def test_one_base_model_serves_every_adapter_with_the_numbers_of_a_fresh_load(home, tiny_model_dir, tmp_path_factory):
+    import torch
+
+    from trainer.models import attach_adapter, load_model
+
+    run_dir = copy_run(trained_run_source(tiny_model_dir, tmp_path_factory.mktemp("src")), home)
+    ids = torch.tensor([[1, 5, 9, 20, 7, 3, 11, 2]])
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    fresh = {None: logits(load_model("tiny-llama").eval())}
+    for folder in (run_dir, run_dir / "checkpoint-2"):
+        fresh[folder] = logits(attach_adapter(load_model("tiny-llama"), folder).eval())
+    shared = BaseWithAdapters("tiny-llama")
+    for folder in (None, run_dir, run_dir / "checkpoint-2", None, run_dir):  # switching back and forth
+        with shared.using(folder) as model:
+            assert torch.equal(logits(model), fresh[folder]), folder
+    assert len(shared.loaded) == 2  # each adapter loaded once, beside the one copy of the base model
+    assert not torch.equal(fresh[run_dir], fresh[None])
+    weights = run_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # saved again (a run trained on): loaded again, the old copy goes
+    os.utime(weights, ns=(time.time_ns() + 10**9,) * 2)
+    with shared.using(run_dir) as model:
+        assert torch.equal(logits(model), fresh[run_dir])
+        assert len(model.peft_config) == 2
+
+
+def test_live_loss_chart_keeps_a_zero_spike_of_a_long_run(home):
+    from trainer.charts import loss_chart
+
+    assert loss_chart(metrics_frame(make_run(home, "empty", state=None))) is None
+    frame = metrics_frame(make_big_run(home))
+    chart = loss_chart(frame)
+    spec = chart.to_dict()  # under Altair's 5,000-row limit
+    rows = chart.data
+    assert len(rows) <= 5000 and set(rows["series"]) == {"loss", "eval loss"}
+    assert ((rows["x"] == ZERO_STEP) & (rows["value"] == 0.0)).any()
+    assert spec["title"] == "Training loss"

@@ -10,8 +10,8 @@ import pytest
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
-from trainer import evaluation as ev
-from trainer.home import CODE_ROOT
+from trainer.home import CODE_ROOT, home_dir
+from trainer.results import adapter_run_name, append_result, evaluation_key, read_results, results_dir, texts_dir
 
 from .evalhelpers import (
     ZERO_STEP, copy_run, make_big_run, make_run, make_running_run, make_webui_run, trained_run_source, wait_for,
@@ -117,14 +117,14 @@ def test_perplexity_job_started_from_the_page_writes_its_result(home, tiny_model
     at.button(key="ev_ppl_start").click()
     rerun(at)
     assert any("3 evaluation(s) started in the background" in i.value for i in at.info)
-    records = wait_for(lambda: len(ev.read_results()) == 3 and ev.read_results(), timeout=180,
+    records = wait_for(lambda: len(read_results()) == 3 and read_results(), timeout=180,
                        what="three results in results/perplexity.jsonl")
     assert {r["checkpoint"] for r in records} == {"", "checkpoint-2", "final"}
     assert all(r["comment"] == "from the page" and r["stride"] == 64 and r["max_length"] == 128 for r in records)
     assert all(r["perplexity"] > 1 and r["tokens"] > 300 for r in records)
     assert all(r["dataset"].startswith("held-out") for r in records)
-    stored_text = ev.home_dir() / records[0]["dataset_path"]
-    assert stored_text.parent == ev.texts_dir() and stored_text.read_text() == held_out
+    stored_text = home_dir() / records[0]["dataset_path"]
+    assert stored_text.parent == texts_dir() and stored_text.read_text() == held_out
 
     rerun(at)
     table = at.data_editor[0].value
@@ -135,20 +135,20 @@ def test_perplexity_job_started_from_the_page_writes_its_result(home, tiny_model
     at.button(key="ev_ppl_start").click()  # the identical evaluation again: reused, nothing started
     rerun(at)
     assert any("were done before" in i.value for i in at.info)
-    assert len(ev.read_results()) == 3
+    assert len(read_results()) == 3
 
 
 def test_comment_edits_are_saved(home):
     adapter_run = make_fake_adapter_run(home)
-    key = ev.evaluation_key("tiny-llama", adapter_run, home / "datasets" / "general-text.txt", 64, 128)
-    stored = ev.append_result({**key, "adapter": "fake", "dataset": "general-text.txt", "tokens": 10,
+    key = evaluation_key("tiny-llama", adapter_run, home / "datasets" / "general-text.txt", 64, 128)
+    stored = append_result({**key, "adapter": "fake", "dataset": "general-text.txt", "tokens": 10,
                                "perplexity": 5.0})
     at = open_page()
     at.session_state["ev_results_0"] = {"edited_rows": {0: {"comment": "looks good"}}, "added_rows": [],
                                         "deleted_rows": []}
     rerun(at)
-    assert ev.read_results()[0]["comment"] == "looks good"
-    assert ev.read_results()[0]["id"] == stored["id"]
+    assert read_results()[0]["comment"] == "looks good"
+    assert read_results()[0]["id"] == stored["id"]
     assert at.data_editor[0].value["comment"].tolist() == ["looks good"]
 
 
@@ -164,8 +164,8 @@ def test_forgetting_check_reads_as_a_sentence(home):
     run_dir = make_fake_adapter_run(home)
     text = home / "datasets" / "general-text.txt"
     for adapter, perplexity in ((None, 10.0), (run_dir, 13.0)):
-        key = ev.evaluation_key("tiny-llama", adapter, text, 256, 512)
-        ev.append_result({**key, "adapter": ev.adapter_run_name(adapter), "dataset": "general-text.txt",
+        key = evaluation_key("tiny-llama", adapter, text, 256, 512)
+        append_result({**key, "adapter": adapter_run_name(adapter), "dataset": "general-text.txt",
                           "tokens": 1000, "perplexity": perplexity})
     at = open_page()
     messages = [w.value for w in at.warning]
@@ -200,4 +200,4 @@ def test_export_refuses_an_existing_name(home, tiny_model_dir, tmp_path_factory)
     at.button(key="ev_exp_start").click()
     rerun(at)
     assert any("models/tiny-llama already exists" in e.value for e in at.error)
-    assert not (ev.results_dir() / "jobs").exists()
+    assert not (results_dir() / "jobs").exists()

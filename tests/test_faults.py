@@ -27,12 +27,14 @@ from trainer.errors import DashboardError
 from trainer.home import CODE_ROOT
 from trainer.params import TrainingParameters
 from trainer.runfiles import (
-    effective_status, iter_metrics, process_start_time, read_metrics, read_status, request_stop, write_json_atomic,
+    effective_status, iter_metrics, read_metrics, read_status, request_stop, write_json_atomic,
 )
+from trainer.processes import process_start_time
 from trainer.runs import launch
-from trainer.train import list_checkpoints
+from trainer.checkpoints import list_checkpoints
 
 from .evalhelpers import copy_run, trained_run_source
+from .homefiles import snapshot
 from .trainhelpers import TINY_PARAMS, wait_for, write_run
 
 TRAIN_PAGE = str(CODE_ROOT / "views" / "train.py")
@@ -76,6 +78,33 @@ def kill_group(pid: int | None) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def two_clicks_at_once(start) -> tuple[list[Path], list[DashboardError]]:
+    """Call `start` from two threads released together, like two Start clicks at once: the run folders
+    started and the sentences refused."""
+    barrier = threading.Barrier(2)
+    outcomes: list = []
+
+    def click():
+        barrier.wait()
+        try:
+            outcomes.append(start())
+        except DashboardError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=click) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ([o for o in outcomes if isinstance(o, Path)], [o for o in outcomes if isinstance(o, DashboardError)])
+
+
+def run_end(run_dir: Path) -> dict:
+    """The final status of a run, once it has completed or failed."""
+    return wait_for(lambda: (s := read_status(run_dir) or {}).get("state") in ("completed", "failed") and s,
+                    timeout=180, what=f"{run_dir.name} to end")
 
 
 def end_run(run_dir: Path) -> None:
@@ -133,17 +162,29 @@ def test_an_interrupted_status_write_keeps_the_old_file(tmp_path, monkeypatch):
     write_json_atomic(path, {"state": "running", "step": 1})
     original = path.read_bytes()
 
-    real_dump = json.dump
+    real_fdopen = os.fdopen
 
-    def dump_half_then_fail(obj, handle, **kwargs):
-        handle.write('{"state": "completed", "st')  # half a document reaches the disk...
-        handle.flush()
-        raise OSError(28, "No space left on device")  # ...then the disk fills up
+    class HalfThenDiskFull:
+        """The temp file's handle: half the document reaches the disk, then the disk fills up."""
 
-    monkeypatch.setattr(json, "dump", dump_half_then_fail)
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: HalfThenDiskFull(real_fdopen(fd, *args, **kwargs)))
     with pytest.raises(OSError):
         write_json_atomic(path, {"state": "completed", "step": 2})
-    monkeypatch.setattr(json, "dump", real_dump)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert path.read_bytes() == original
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"], "the temp file is cleaned up"
 
@@ -256,29 +297,11 @@ def test_resume_after_a_torn_line_and_two_resume_clicks_at_once_run_one_trainer(
                                                 "step": 4, "total_steps": 6, "started_at": "2026-01-01T00:00:00"})
     (run_dir / "train.log").write_text("")
     params = TrainingParameters.from_dict({**TINY_PARAMS, "lora_name": "twice"})  # the page sends the name
-    barrier = threading.Barrier(2)
-    outcomes: list = []
-
-    def click():
-        barrier.wait()
-        try:
-            outcomes.append(launch(params, mode="resume", checkpoint="checkpoint-2"))
-        except DashboardError as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=click) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    started, refused = two_clicks_at_once(lambda: launch(params, mode="resume", checkpoint="checkpoint-2"))
     try:
-        started = [o for o in outcomes if isinstance(o, Path)]
-        refused = [o for o in outcomes if isinstance(o, DashboardError)]
-        assert len(started) == 1 and len(refused) == 1, outcomes
+        assert len(started) == 1 and len(refused) == 1, (started, refused)
         assert "already running" in refused[0].message
-        final = wait_for(lambda: (s := read_status(run_dir) or {}).get("state") in ("completed", "failed") and s,
-                         timeout=180, what="the resumed run to end")
-        assert final["state"] == "completed", final
+        assert run_end(run_dir)["state"] == "completed", read_status(run_dir)
     finally:
         end_run(run_dir)
     assert len(launch_lines(run_dir)) == 1, launch_lines(run_dir)
@@ -290,33 +313,15 @@ def test_resume_after_a_torn_line_and_two_resume_clicks_at_once_run_one_trainer(
 # ---- two Start clicks at once --------------------------------------------------------------------
 def test_two_start_clicks_at_once_start_exactly_one_run(home):
     params = TrainingParameters.from_dict({**TINY_PARAMS, "lora_name": "race", "max_steps": 2})
-    barrier = threading.Barrier(2)
-    outcomes: list = []
-
-    def click():
-        barrier.wait()
-        try:
-            outcomes.append(launch(params, mode="new"))
-        except DashboardError as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=click) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    started, refused = two_clicks_at_once(lambda: launch(params, mode="new"))
     run_dir = home / "loras" / "race"
     try:
-        started = [o for o in outcomes if isinstance(o, Path)]
-        refused = [o for o in outcomes if isinstance(o, DashboardError)]
-        assert started == [run_dir] and len(refused) == 1, outcomes
+        assert started == [run_dir] and len(refused) == 1, (started, refused)
         assert "already running" in refused[0].message or "already exists" in refused[0].message
         assert refused[0].field == "lora_name"
         assert sorted(p.name for p in (home / "loras").iterdir() if not p.name.startswith(".")) == ["race"]
         assert len(launch_lines(run_dir)) == 1
-        final = wait_for(lambda: (s := read_status(run_dir) or {}).get("state") in ("completed", "failed") and s,
-                         timeout=180, what="the run to end")
-        assert final["state"] == "completed", final
+        assert run_end(run_dir)["state"] == "completed", read_status(run_dir)
     finally:
         end_run(run_dir)
 
@@ -397,11 +402,6 @@ def read_only(home: Path):
             subprocess.run(["chattr", "-i", *map(str, folders)], capture_output=True)
         return
     pytest.fail("cannot make a folder read-only here as root (no mount, no chattr)")
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_a_read_only_home_gives_a_sentence_not_a_traceback(home):

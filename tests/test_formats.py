@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import IGNORE_INDEX, build_samples, load_format, load_rows, no_samples_error, unmatched_rows_error
+from trainer.data import IGNORE_INDEX, build_samples, no_samples_error, unmatched_rows_error
+from trainer.datafiles import load_format, load_rows
 from trainer.errors import DashboardError
 from trainer.home import CODE_ROOT
 from trainer.params import TrainingParameters

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.errors import DashboardError
-from trainer.params import FIELDS, OPTIMIZERS, SCHEDULERS, TrainingParameters, decode_escapes
+from trainer.params import FIELDS, OPTIMIZERS, SCHEDULERS, TrainingParameters, decode_escapes, label
 
 VALID = dict(lora_name="my-lora_1", dataset="dashboard-instructions", format="alpaca-format")
 
@@ -147,7 +147,7 @@ def test_unreadable_values_name_their_field(name, value):
     with pytest.raises(DashboardError) as info:
         TrainingParameters.from_dict({**VALID, name: value})
     assert info.value.field == name
-    assert name in info.value.message
+    assert label(name) in info.value.message and name not in info.value.message  # the label, not the code name
 
 
 def test_escapes_of_the_hard_cut_string():
@@ -208,7 +208,7 @@ def test_every_problem_is_reported_at_once():
     assert set(fields) == {"lora_rank", "overlap_len", "batch_size"}
     error = error_of(params)
     assert error.field == fields[0]
-    assert "lora_rank" in error.message and "Overlap" in error.message and "Batch size" in error.message
+    assert "LoRA rank" in error.message and "Overlap" in error.message and "Batch size" in error.message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,4 +281,25 @@ def test_webui_none_means_not_chosen():
 
 def test_fields_have_metadata():
     for f in dataclasses.fields(TrainingParameters):
-        assert f.metadata["help"] and f.metadata["group"]
+        assert f.metadata["help"] and f.metadata["group"] and f.metadata["label"]
+        assert "_" not in f.metadata["label"], "a label reads as words, not as the code name"
+        if f.type in ("int", "float"):
+            assert f.metadata["format"].startswith("%")
+    labels = [f.metadata["label"] for f in dataclasses.fields(TrainingParameters)]
+    assert len(set(labels)) == len(labels)
+
+
+def test_the_sample_shaping_options_are_the_data_options():
+    from trainer.params import SAMPLE_OPTIONS
+
+    assert SAMPLE_OPTIONS == ["dataset", "format", "raw_text_file", "cutoff_len", "overlap_len", "newline_favor_len",
+                              "hard_cut_string", "min_chars", "train_only_after", "add_eos_token", "add_bos_token",
+                              "overlong_samples"]
+
+
+def test_overlap_counts_the_bos_and_eos_tokens_the_options_ask_for():
+    raw = dict(dataset="", raw_text_file="guide.txt", cutoff_len=128, add_eos_token=True, add_bos_token=False)
+    [problem] = valid(overlap_len=127, **raw).problems()
+    assert problem.field == "overlap_len" and "BOS/EOS" in problem.message and "(127)" in problem.message
+    assert valid(overlap_len=127, **{**raw, "add_eos_token": False}).problems() == []
+    assert valid(overlap_len=126, **raw).problems() == []

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer import evaluation as ev
 from trainer import jobs
 from trainer.errors import DashboardError
 from trainer.home import CODE_ROOT
 from trainer.params import DEFAULT_MODEL
 from trainer.perplexity import sliding_window_nll
+from trainer.results import find_result, read_results
 
 from .evalhelpers import cli, copy_run, trained_run_source, wait_for
 
@@ -165,7 +165,7 @@ def test_page_job_gives_the_same_number_as_the_cli(home, tiny_model_dir, tmp_pat
     state = wait_for(lambda: (s := jobs.job_state(job_dir))["state"] not in ("queued", "running") and s,
                      timeout=180, what="the perplexity job")
     assert state["state"] == "completed", state
-    records = {r["id"]: r for r in ev.read_results()}
+    records = {r["id"]: r for r in read_results()}
     assert set(state["results"]) == set(records) and len(records) == 3
 
     by_checkpoint = {r["checkpoint"]: r for r in records.values()}
@@ -185,7 +185,7 @@ def test_page_job_gives_the_same_number_as_the_cli(home, tiny_model_dir, tmp_pat
     assert again["job"] is None and len(again["reused"]) == 3  # identical evaluations are not run again
     text.write_text(text.read_text() + "\nOne more sentence.\n")
     changed = [jobs.perplexity_task("tiny-llama", None, text, "probe.txt", 96, 192)]
-    assert ev.find_result(changed[0]) is None  # a changed text is a new evaluation
+    assert find_result(changed[0]) is None  # a changed text is a new evaluation
 
 
 def test_job_failure_is_reported(home):
@@ -197,4 +197,26 @@ def test_job_failure_is_reported(home):
                      timeout=120, what="the failing job")
     assert state["state"] == "failed"
     assert "Model not found" in state["error"]
-    assert ev.read_results() == []
+    assert read_results() == []
+
+
+def test_evaluation_settings_are_one_definition_in_words():
+    from trainer.cli import build_parser
+    from trainer.perplexity import DEFAULT_SETTINGS, EvaluationSettings
+
+    assert (DEFAULT_SETTINGS.stride, DEFAULT_SETTINGS.max_length) == (256, 512)  # as README documents
+    args = build_parser().parse_args(["perplexity", "--model", "m", "--text-file", "t.txt"])
+    assert (args.stride, args.max_length, args.precision) == (256, 512, "full")
+    with pytest.raises(DashboardError, match=r"^Stride \(600\) must be between 1 and the max length \(512\)\.$"):
+        EvaluationSettings(600, 512).validate()
+    with pytest.raises(DashboardError, match=r"Max length \(1\) must be at least 2 tokens"):
+        EvaluationSettings(1, 1).validate()
+    with pytest.raises(DashboardError, match="Precision"):
+        EvaluationSettings(precision="2bit").validate()
+
+
+def test_cli_names_a_bad_stride_in_words(home):
+    done = cli("perplexity", "--model", "tiny-llama", "--text-file", "general-text.txt", "--stride", "600",
+               "--max-length", "512")
+    assert done.returncode == 2
+    assert "Stride (600) must be between 1 and the max length (512)." in done.stderr

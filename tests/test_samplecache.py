@@ -58,3 +58,17 @@ def test_a_damaged_entry_is_rebuilt(home, tokenizer):
     preview, hit = cached_build_samples(params, tokenizer)
     assert not hit and preview == expected
     assert cached_build_samples(params, tokenizer)[1]  # and the rebuilt entry is good again
+
+
+def test_the_data_page_previews_through_the_cache_the_trainer_reads(home, tokenizer):
+    from streamlit.testing.v1 import AppTest
+
+    from trainer.home import CODE_ROOT
+
+    at = AppTest.from_file(str(CODE_ROOT / "views" / "data.py"), default_timeout=60)
+    at.run()
+    at.number_input(key="dp_cutoff_len").set_value(64)
+    at.number_input(key="dp_overlap_len").set_value(16).run()
+    assert not at.exception, at.exception
+    preview, hit = cached_build_samples(raw_params(), tokenizer)  # the options a run of the same data stores
+    assert hit and preview == build_samples(raw_params(), tokenizer)

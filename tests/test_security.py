@@ -30,6 +30,7 @@ from trainer.runfiles import read_status
 from trainer.runs import free_port, launch
 
 from .evalhelpers import copy_run, trained_run_source
+from .homefiles import snapshot
 from .trainhelpers import wait_for
 
 CONFIG = CODE_ROOT / ".streamlit" / "config.toml"
@@ -190,14 +191,10 @@ def data_page() -> AppTest:
     return at
 
 
-def tree(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("upload_name", ["../evil.txt", "/tmp/evil.txt", "..\\evil.txt", "CON.txt", ".bashrc.txt"])
 def test_an_upload_named_to_escape_is_refused(home, tmp_path, upload_name):
     """The uploaded file's own name (what the browser sends) is refused as it comes, without editing it."""
-    before_home, before_tmp = tree(home), tree(tmp_path)
+    before_home, before_tmp = snapshot(home), snapshot(tmp_path)
     at = data_page()
     at.file_uploader[0].set_value((upload_name, b"payload", "text/plain")).run()
     assert not at.exception, at.exception
@@ -207,7 +204,7 @@ def test_an_upload_named_to_escape_is_refused(home, tmp_path, upload_name):
     assert not at.exception, at.exception
     assert [e.value for e in at.error], "the name must be refused with a message"
     assert not any(s.value.startswith("Saved") for s in at.success)
-    assert tree(home) == before_home and tree(tmp_path) == before_tmp
+    assert snapshot(home) == before_home and snapshot(tmp_path) == before_tmp
     assert not Path("/tmp/evil.txt").exists()
 
 
@@ -215,11 +212,11 @@ def test_an_upload_named_to_escape_is_refused(home, tmp_path, upload_name):
                                                    ("evil.txt\x00.json", "null bytes")])
 def test_streamlit_itself_refuses_other_endings_and_nul_bytes(home, tmp_path, upload_name, message):
     """The uploader's `type=` list and NUL bytes are enforced by the Streamlit server before the page runs."""
-    before = tree(tmp_path)
+    before = snapshot(tmp_path)
     at = data_page()
     at.file_uploader[0].set_value((upload_name, b"payload", "text/plain")).run()
     assert any(message in e.value for e in at.exception), at.exception
-    assert tree(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_an_upload_through_a_symlink_out_of_datasets_is_refused(home, tmp_path):
@@ -243,12 +240,12 @@ def test_an_upload_through_a_symlink_out_of_datasets_is_refused(home, tmp_path):
 
 
 def test_a_good_upload_lands_in_datasets_only(home):
-    before = set(tree(home))
+    before = set(snapshot(home))
     at = data_page()
     at.file_uploader[0].set_value(("notes 2.txt", b"Some text to train on.\n", "text/plain")).run()
     at.button(key="dp_up_save").click().run()
     assert not at.exception, at.exception
-    assert set(tree(home)) - before == {"datasets/notes 2.txt"}
+    assert set(snapshot(home)) - before == {"datasets/notes 2.txt"}
     assert not [p for p in (home / "datasets").iterdir() if p.name.endswith(".uploading")]
 
 

@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
+from trainer.checkpoints import list_checkpoints
 from trainer.runfiles import effective_status, read_metrics, request_stop
-from trainer.train import list_checkpoints
 
 from .trainhelpers import metrics_of, run_trainer, start_trainer, status_of, wait_for, write_run
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from trainer.home import CODE_ROOT
 from trainer.runfiles import read_metrics, read_status
-from trainer.train import list_checkpoints
+from trainer.checkpoints import list_checkpoints
 
 from .trainhelpers import wait_for, write_run
 
@@ -52,9 +51,9 @@ def test_fresh_page_asks_for_a_name_and_data(home):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"overlap_len": 64}, "Overlap length (64) must be below the cutoff length (64)."),
+    ({"overlap_len": 64}, "Overlap length (64) must be below the cutoff length (64)"),
     ({"batch_size": 6, "micro_batch_size": 4}, "Batch size (6) must be a multiple of the micro batch size (4)"),
-    ({"lora_rank": 0}, "lora_rank must be at least 1; got 0."),
+    ({"lora_rank": 0}, "LoRA rank must be at least 1; got 0."),
 ])
 def test_validation_errors_block_the_start(home, change, expected):
     at = open_page()

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.home import CODE_ROOT, HOME_ENV
+from trainer.home import CODE_ROOT
 
 TINY_PARAMS = {
     "base_model": "tiny-llama", "raw_text_file": "user-guide.txt", "cutoff_len": 64, "overlap_len": 16,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -52,19 +53,49 @@ def steps_per_epoch(n_units: int, micro_batch_size: int, accumulation: int) -> i
     return max(1, math.ceil(math.ceil(n_units / micro_batch_size) / accumulation)) if n_units else 0
 
 
-def total_steps(n_units: int, params) -> int:
-    if params.max_steps:
-        return params.max_steps
-    per_epoch = steps_per_epoch(n_units, params.micro_batch_size, params.gradient_accumulation_steps)
-    return max(1, math.ceil(params.epochs * per_epoch))
+@dataclass(frozen=True)
+class StepPlan:
+    """The global batch of `batch_size` samples: `accumulation` micro-batches of `micro_batch_size` rows on
+    each of `world` processes (params.batch_problem is the rule that it divides)."""
+
+    micro_batch_size: int
+    world: int  # processes
+    accumulation: int  # micro-batches each process runs per optimiser step
+    per_epoch: int  # optimiser steps per epoch
+    total: int  # optimiser steps of the run
+
+    @classmethod
+    def of(cls, params, n_units: int, world: int) -> StepPlan:
+        """The plan for `n_units` training rows (samples, or packed rows) on `world` processes."""
+        accumulation = max(1, params.batch_size // (params.micro_batch_size * world))
+        per_epoch = steps_per_epoch(n_units, params.micro_batch_size, accumulation * world)
+        total = params.max_steps or max(1, math.ceil(params.epochs * per_epoch))
+        return cls(params.micro_batch_size, world, accumulation, per_epoch, total)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of one optimiser step over all processes together."""
+        return self.accumulation * self.world
+
+    def share(self, step_batches: list, rank: int) -> tuple[list, list[float]]:
+        """This process's micro-batches of a step and their weights. A process left without one (the epoch's
+        last, short step) runs a batch with zero weight, so that every process takes part in the gradient
+        averaging."""
+        mine = step_batches[rank::self.world]
+        return (mine or step_batches[:1]), ([1.0] * len(mine) or [0.0])
+
+    def describe(self) -> str:
+        return (f"{self.per_epoch} steps per epoch, {self.total} steps (micro batch {self.micro_batch_size} x "
+                f"accumulation {self.accumulation} x processes {self.world})")
 
 
 def plan(lengths: list[int], params) -> dict:
-    """Rows, steps per epoch and total steps for samples of these lengths: the Train page's plan."""
+    """Rows, steps per epoch and total steps for samples of these lengths: the Train page's plan, by the
+    trainer's own step plan for the processes the parameters ask for."""
     units = training_units(lengths, params)
-    per_epoch = steps_per_epoch(len(units), params.micro_batch_size, params.gradient_accumulation_steps)
-    return {"samples": len(lengths), "rows": len(units), "steps_per_epoch": per_epoch,
-            "total_steps": total_steps(len(units), params)}
+    steps = StepPlan.of(params, len(units), params.num_processes)
+    return {"samples": len(lengths), "rows": len(units), "steps_per_epoch": steps.per_epoch,
+            "total_steps": steps.total, "accumulation": steps.accumulation}
 
 
 def epoch_schedule(lengths: list[int], micro_batch_size: int, accumulation: int, seed: int, epoch: int,

@@ -1,5 +1,5 @@
-"""Command line: `python -m trainer preview | train | perplexity | run-job | export` (DESIGN.md keeps the first
-three stable)."""
+"""Command line: `python -m trainer preview | train | perplexity | run-job | export` (the first three, as the
+README shows them, stay stable)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import json
 import sys
 
 from .errors import DashboardError
-from .params import FIELDS, TrainingParameters
+from .params import FIELDS, PRECISIONS, SAMPLE_OPTIONS, read_and_check
+from .perplexity import DEFAULT_SETTINGS, EvaluationSettings, perplexity_of_file
 
-# Options of `preview`: the data options of the training parameters (and the model, for its tokenizer).
-PREVIEW_FIELDS = [
-    "dataset", "format", "raw_text_file", "cutoff_len", "overlap_len", "newline_favor_len", "hard_cut_string",
-    "min_chars", "train_only_after", "add_eos_token", "add_bos_token", "overlong_samples", "skip_unmatched_rows",
-]
+# Options of `preview`: the options that shape the samples (and the model, for its tokenizer), and
+# skip_unmatched_rows, so that a run's data options can be given as they are (the preview lists unmatched
+# rows either way).
+PREVIEW_FIELDS = [*SAMPLE_OPTIONS, "skip_unmatched_rows"]
 
 
 def _add_field_option(parser: argparse.ArgumentParser, name: str, flag: str | None = None) -> None:
@@ -37,17 +37,16 @@ def _add_field_option(parser: argparse.ArgumentParser, name: str, flag: str | No
         parser.add_argument(flag, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
-def _params_from_args(args: argparse.Namespace) -> TrainingParameters:
-    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
-    return TrainingParameters.from_dict(given)
+def _given(args: argparse.Namespace) -> dict:
+    """The parameters given on the command line (read by the same coercion as training_parameters.json)."""
+    return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from .data import build_samples
     from .models import load_tokenizer
 
-    params = _params_from_args(args)
-    problems = [p for p in params.problems(require_name=False) if p.field in PREVIEW_FIELDS + ["base_model"]]
+    params, problems = read_and_check(_given(args), only=PREVIEW_FIELDS + ["base_model"], require_name=False)
     if problems:
         raise DashboardError(" ".join(p.message for p in problems))
     tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=lambda m: print(m, file=sys.stderr))
@@ -82,10 +81,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
-    from .perplexity import perplexity_of_file
-
-    result = perplexity_of_file(args.model, args.lora, args.text_file, args.stride, args.max_length,
-                                precision=args.precision)
+    settings = EvaluationSettings(args.stride, args.max_length, args.precision).validate()
+    result = perplexity_of_file(args.model, args.lora, args.text_file, settings.stride, settings.max_length,
+                                precision=settings.precision)
     if args.json:
         print(json.dumps(result))
     else:
@@ -142,9 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--model", required=True, help="base model name or folder")
     ppl.add_argument("--lora", default=None, help="adapter folder (a run folder or one of its checkpoints)")
     ppl.add_argument("--text-file", required=True, help="a UTF-8 .txt file")
-    ppl.add_argument("--stride", type=int, default=512, help="tokens the window moves each time (default 512)")
-    ppl.add_argument("--max-length", type=int, default=1024, help="window length in tokens (default 1024)")
-    ppl.add_argument("--precision", choices=["full", "8bit", "4bit"], default="full", help="base model precision")
+    ppl.add_argument("--stride", type=int, default=DEFAULT_SETTINGS.stride,
+                     help=f"tokens the window moves each time (default {DEFAULT_SETTINGS.stride})")
+    ppl.add_argument("--max-length", type=int, default=DEFAULT_SETTINGS.max_length,
+                     help=f"window length in tokens (default {DEFAULT_SETTINGS.max_length})")
+    ppl.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_SETTINGS.precision,
+                     help="base model precision")
     ppl.add_argument("--json", action="store_true", help="print the result as JSON")
     ppl.set_defaults(handler=cmd_perplexity)
 

@@ -1,29 +1,26 @@
 """From the user's files to the exact samples the trainer trains on.
 
 `build_samples(params, tokenizer)` is the one function both `python -m trainer preview` and the trainer
-call, so the preview is what gets trained. Raw text is cut into overlapping token chunks; JSON/JSONL
-rows are rendered through a format file (or the tokenizer's chat template for `messages` rows) and
-masked so that only the answer part counts in the loss when `train_only_after` is set.
+call (through the sample cache, trainer/samplecache.py), so the preview is what gets trained. Raw text is
+cut into overlapping token chunks (trainer/chunking.py); JSON/JSONL rows are rendered through a format file
+(trainer/datafiles.py) or the tokenizer's chat template for `messages` rows, and masked so that only the
+answer part counts in the loss when `train_only_after` is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
-import json
-import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .datafiles import FormatFile, dataset_kind, find_marker_end, load_format, load_rows, render_parts, row_fields
 from .errors import DashboardError
 from .home import resolve_user_path
 
-IGNORE_INDEX = -100
-MAX_DATASET_BYTES = 2 * 1024**3
+IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy ignores it)
 
 
 @dataclass
@@ -80,246 +77,7 @@ class Preview:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading files
-
-
-def read_text_file(path: Path) -> str:
-    """A text file as UTF-8 with \\r\\n and \\r turned into \\n; a clear error names the first bad byte."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DashboardError(f"File not found: {path}") from None
-    except IsADirectoryError:
-        raise DashboardError(f"{path} is a folder, not a file.") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DashboardError(
-            f"{path.name} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset {exc.start} "
-            f"cannot be decoded. Save the file as UTF-8 and try again."
-        ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]  # a byte-order mark is not text
-    return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def natural_key(name: str) -> list:
-    """Sort key so that part2 comes before part10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def raw_text_files(path: Path) -> list[Path]:
-    """A .txt file, or every .txt file of a folder in natural order."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".txt" and p.is_file()),
-                       key=lambda p: natural_key(p.name))
-        if not files:
-            raise DashboardError(f"The folder {path.name} holds no .txt files.")
-        return files
-    if not path.exists():
-        raise DashboardError(f"Raw text file not found: {path}")
-    return [path]
-
-
-def load_rows(path: Path) -> list[Any]:
-    """Rows of a .json file (a list of objects) or a .jsonl file (one object per line)."""
-    path = Path(path)
-    text = read_text_file(path)
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DashboardError(f"{path.name}, line {number}: not valid JSON ({exc.msg}).") from None
-            except RecursionError:
-                raise DashboardError(f"{path.name}, line {number}: JSON nested too deeply to read.") from None
-    else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DashboardError(
-                f"{path.name} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
-        except RecursionError:
-            raise DashboardError(f"{path.name} nests JSON too deeply to read.") from None
-        if not isinstance(rows, list):
-            raise DashboardError(f"{path.name} must hold a JSON list of objects; it holds a {type(rows).__name__}.")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DashboardError(
-                f"{path.name}: row {index} is {_a(type(row).__name__)}, not an object; a dataset is a list of objects.")
-    if not rows:
-        raise DashboardError(f"{path.name} holds no rows.")
-    return rows
-
-
-def _a(noun: str) -> str:
-    return ("an " if noun[:1] in "aeiou" else "a ") + noun
-
-
-_FIELD_RE = re.compile(r"%([A-Za-z0-9_]+)%")
-
-
-@dataclass
-class FormatFile:
-    entries: list[tuple[frozenset[str], str, str]]  # (field set, key as written, template)
-
-    def match(self, row: dict) -> tuple[str, str] | None:
-        """The first key whose field set equals the row's non-empty string fields: (key, template)."""
-        fields = row_fields(row)
-        for field_set, key, template in self.entries:
-            if field_set == fields:
-                return key, template
-        return None
-
-
-def row_fields(row: dict) -> frozenset[str]:
-    return frozenset(k for k, v in row.items() if isinstance(v, str) and v.strip())
-
-
-def load_format(path: Path) -> FormatFile:
-    path = Path(path)
-    if not path.exists():
-        raise DashboardError(f"Format file not found: {path}")
-    try:
-        data = json.loads(read_text_file(path))
-    except json.JSONDecodeError as exc:
-        raise DashboardError(f"Format file {path.name} is not valid JSON: {exc.msg} at line {exc.lineno}.") from None
-    except RecursionError:
-        raise DashboardError(f"Format file {path.name} nests JSON too deeply to read.") from None
-    if not isinstance(data, dict) or not data:
-        raise DashboardError(
-            f"Format file {path.name} must be a JSON object mapping field lists such as \"instruction,output\" "
-            f"to templates.")
-    entries = []
-    for key, template in data.items():
-        if not isinstance(template, str):
-            raise DashboardError(f"Format file {path.name}: the template for {key!r} must be a string.")
-        field_set = frozenset(part.strip() for part in key.split(",") if part.strip())
-        if not field_set:
-            raise DashboardError(f"Format file {path.name}: the key {key!r} lists no fields.")
-        unknown = sorted(set(_FIELD_RE.findall(template)) - field_set)
-        if unknown:
-            raise DashboardError(
-                f"Format file {path.name}: the template for {key!r} uses "
-                f"{', '.join('%' + u + '%' for u in unknown)}, which its key does not list.")
-        entries.append((field_set, key, template))
-    return FormatFile(entries)
-
-
-def render(template: str, row: dict) -> str:
-    return render_parts(template, row)[0]
-
-
-def render_parts(template: str, row: dict) -> tuple[str, list[tuple[int, int]]]:
-    """The template with `%field%` replaced by the row's values (in one pass: a value's own `%x%` stays),
-    and the character ranges of the result that come from the template's own text."""
-    pieces: list[str] = []
-    literal: list[tuple[int, int]] = []
-    at = pos = 0
-    for match in _FIELD_RE.finditer(template):
-        text = template[pos:match.start()]
-        value = row.get(match.group(1))
-        value = value if isinstance(value, str) else match.group(0)
-        pieces += [text, value]
-        literal.append((at, at + len(text)))
-        at += len(text) + len(value)
-        pos = match.end()
-    pieces.append(template[pos:])
-    literal.append((at, at + len(template) - pos))
-    return "".join(pieces), literal
-
-
-def find_marker_end(text: str, marker: str, literal: list[tuple[int, int]] | None = None) -> int | None:
-    """Where the trained part starts: just after the first `marker` that begins in the format template's own
-    text (so an "Assistant:" inside a user's question does not unmask the rest of the prompt); failing
-    that, after the first `marker` anywhere; None when the text does not contain it."""
-    first = text.find(marker)
-    if first < 0:
-        return None
-    at = first
-    while literal and at >= 0:
-        if any(a <= at < b for a, b in literal):
-            return at + len(marker)
-        at = text.find(marker, at + 1)
-    return first + len(marker)
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw text
-
-
-def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, budget: int, overlap: int,
-                newline_favor_len: int) -> list[tuple[int, int]]:
-    """Token spans [start, end) covering 0..n_tokens, each at most `budget` long.
-
-    `line_starts` is the sorted array of token indices that begin a line (0 and n_tokens included);
-    `char_pos[b]` is the character offset of token boundary b. A cut moves back to a line start lying
-    within `newline_favor_len` characters, and the next chunk starts `overlap` tokens before the cut,
-    moved to a nearby line start too. Every token is in at least one span: nothing is thrown away.
-    Both ends move forward from span to span, so each span brings tokens the previous one did not hold
-    (a span never lies inside the previous one), and with `overlap > 0` consecutive spans share tokens.
-    """
-    if n_tokens == 0:
-        return []
-    spans = []
-    start = 0
-    previous_end = 0
-    while True:
-        end = min(start + budget, n_tokens)
-        if end < n_tokens and newline_favor_len > 0:
-            # The latest line start in (start + overlap, end] close enough to the planned cut, and past
-            # the previous cut (a start moved back to a line start may lie more than `overlap` before it).
-            i = np.searchsorted(line_starts, end, side="right") - 1
-            if i >= 0:
-                candidate = int(line_starts[i])
-                if (candidate > max(start + overlap, previous_end)
-                        and char_pos[end] - char_pos[candidate] <= newline_favor_len):
-                    end = candidate
-        spans.append((start, end))
-        if end >= n_tokens:
-            return spans
-        next_start = end - overlap
-        if overlap > 0 and newline_favor_len > 0:
-            # The line start nearest the planned start, strictly inside (start, end) so we progress
-            # and keep some overlap.
-            i = np.searchsorted(line_starts, next_start)
-            best = None
-            for j in (i - 1, i):
-                if 0 <= j < len(line_starts):
-                    candidate = int(line_starts[j])
-                    distance = abs(int(char_pos[candidate]) - int(char_pos[next_start]))
-                    if start < candidate < end and distance <= newline_favor_len:
-                        if best is None or distance < best[0]:
-                            best = (distance, candidate)
-            if best is not None:
-                next_start = best[1]
-        previous_end = end
-        start = max(next_start, start + 1)
-
-
-def _line_start_tokens(text: str, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token boundaries that begin a line, and the character offset of every boundary."""
-    n = len(offsets)
-    char_pos = np.empty(n + 1, dtype=np.int64)
-    char_pos[:n] = offsets[:, 0] if n else 0
-    char_pos[n] = len(text)
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    after_newline = np.zeros(len(text) + 1, dtype=bool)
-    after_newline[1:] = codes == 10
-    is_start = after_newline[char_pos]
-    # A byte-level tokenizer splits an emoji or a CJK character into several tokens that all carry the
-    # character's offsets: a boundary inside a character (the previous token ends after this one
-    # starts) is no line start, even right after a newline.
-    if n > 1:
-        is_start[1:n] &= offsets[:-1, 1] <= offsets[1:, 0]
-    is_start[0] = True
-    is_start[n] = True
-    return np.flatnonzero(is_start), char_pos
+# Tokenising
 
 
 def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
@@ -340,26 +98,11 @@ def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], l
     return encoded["input_ids"], encoded["offset_mapping"]
 
 
-ENCODE_BATCH_TEXTS = 1000
-
-
-def encode_ahead(tokenizer, texts: list[str], batch: int = ENCODE_BATCH_TEXTS):
-    """Yield (ids, offsets) for each text, tokenising the next batch of texts in a background thread while
-    the caller works on the current one: the Rust tokenizer runs without Python's lock, so the chunking
-    of one batch overlaps the tokenisation of the next (a large text's preview then costs little more
-    than its tokenisation)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    if len(texts) <= batch:
-        yield from zip(*encode_with_offsets(tokenizer, texts))
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise") as pool:
-        pending = pool.submit(encode_with_offsets, tokenizer, texts[:batch])
-        for start in range(batch, len(texts) + batch, batch):
-            ids, offsets = pending.result()
-            if start < len(texts):
-                pending = pool.submit(encode_with_offsets, tokenizer, texts[start:start + batch])
-            yield from zip(ids, offsets)
+def special_tokens(params, tokenizer) -> tuple[list[int], list[int]]:
+    """The BOS and EOS ids a sample gets ([] where the option is off or the tokenizer has no such token)."""
+    bos = [tokenizer.bos_token_id] if params.add_bos_token and tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if params.add_eos_token and tokenizer.eos_token_id is not None else []
+    return bos, eos
 
 
 @contextlib.contextmanager
@@ -373,64 +116,6 @@ def collector_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def build_raw_samples(params, tokenizer) -> Preview:
-    # The options are checked before any file is read or tokenised.
-    bos = [tokenizer.bos_token_id] if params.add_bos_token and tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if params.add_eos_token and tokenizer.eos_token_id is not None else []
-    budget = params.cutoff_len - len(bos) - len(eos)
-    if params.overlap_len >= budget:
-        raise DashboardError(
-            f"Overlap length ({params.overlap_len}) must be below the cutoff length minus the BOS/EOS tokens "
-            f"({budget}).", field="overlap_len")
-    files = raw_text_files(resolve_user_path(params.raw_text_file, "dataset"))
-    # The text's line ends became \n, so a hard cut typed with \r\n or \r (Windows habits) must too.
-    hard_cut = params.hard_cut.replace("\r\n", "\n").replace("\r", "\n")
-    blocks: list[tuple[str, str]] = []  # (text, file name)
-    for file in files:
-        text = read_text_file(file)
-        parts = text.split(hard_cut) if hard_cut else [text]
-        blocks.extend((part.strip(), file.name) for part in parts)
-
-    problems, kept = [], []
-    for index, (text, name) in enumerate(blocks):
-        if len(text) <= params.min_chars:
-            reason = "empty" if not text else f"only {len(text)} characters (minimum block size {params.min_chars})"
-            problems.append(Problem(f"block {index} ({name})", f"dropped: {reason}", index))
-        else:
-            kept.append((index, text, name))
-    if not kept:
-        raise DashboardError(
-            "No text left to train on: every block is empty or shorter than the minimum block size "
-            f"({len(blocks)} block{'s' if len(blocks) != 1 else ''} after cutting at the hard cut string).")
-
-    samples = []
-    for (index, text, name), (ids, offsets) in zip(kept, encode_ahead(tokenizer, [t for _, t, _ in kept])):
-        # fromiter over the flattened pairs: several times faster than np.asarray on a list of tuples.
-        offsets = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
-        offsets = offsets.reshape(-1, 2)
-        line_starts, char_pos = _line_start_tokens(text, offsets)
-        spans = chunk_spans(line_starts, char_pos, len(ids), budget, params.overlap_len, params.newline_favor_len)
-        previous_end = None
-        for number, (start, end) in enumerate(spans):
-            last = end == len(ids)
-            chunk_ids = bos + ids[start:end] + (eos if last else [])
-            overlap = max(0, previous_end - start) if previous_end is not None else 0
-            text_start = int(char_pos[start])
-            text_end = int(char_pos[end])
-            samples.append(Sample(
-                text=text[text_start:text_end],
-                input_ids=chunk_ids,
-                label_mask=[0] * len(bos) + [1] * (len(chunk_ids) - len(bos)),
-                source=f"block {index} ({name}) chunk {number}",
-                overlap=overlap,
-            ))
-            previous_end = end
-    stats = _stats(samples, params.cutoff_len)
-    stats.update(blocks=len(blocks), kept_blocks=len(kept), dropped_blocks=len(blocks) - len(kept),
-                 files=len(files))
-    return Preview("raw", samples, problems, stats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,6 +150,58 @@ def _chat_text_and_spans(tokenizer, messages: list) -> tuple[str, list[tuple[int
     return full, spans
 
 
+def _room(params, bos: list[int], eos: list[int]) -> int:
+    """Tokens of text a sample may hold: the cutoff minus its BOS and EOS."""
+    return params.cutoff_len - len(bos) - len(eos)
+
+
+def _row_text(row: dict, index: int, fmt: FormatFile | None, tokenizer, after: str):
+    """A row as (matched key, text, trained character spans), or the Problem that keeps it out."""
+    if "messages" in row and isinstance(row["messages"], list):
+        try:
+            text, spans = _chat_text_and_spans(tokenizer, row["messages"])
+        except ValueError as exc:
+            return Problem(f"row {index}", f"chat row not used: {exc}", index, sorted(row))
+        return "messages (chat template)", text, spans
+    match = fmt.match(row) if fmt else None
+    if match is None:
+        fields = sorted(row_fields(row))
+        reason = ("no format file chosen" if fmt is None
+                  else f"no key of the format file matches its fields {{{', '.join(fields)}}}")
+        return Problem(f"row {index}", f"unmatched: {reason}", index, fields)
+    key, template = match
+    text, literal = render_parts(template, row)
+    if not after:
+        return key, text, [(0, len(text))]
+    at = find_marker_end(text, after, literal)
+    if at is None:
+        return Problem(f"row {index}", f"dropped: does not contain the train-only-after string {after!r}", index,
+                       sorted(row_fields(row)))
+    return key, text, [(at, len(text))]
+
+
+def _formatted_sample(text: str, spans, index: int, ids: list[int], offsets, params, bos: list[int],
+                      eos: list[int]) -> Sample | Problem:
+    """One rendered row as a sample: masked outside its trained spans, truncated or dropped over the cutoff."""
+    source = f"row {index}"
+    budget = _room(params, bos, eos)
+    mask = [1 if any(a <= start < b for a, b in spans) else 0 for start, _ in offsets]
+    is_truncated = len(ids) > budget
+    ending = eos
+    if is_truncated:
+        if params.overlong_samples == "drop":
+            return Problem(source, f"dropped: {len(ids) + len(bos) + len(eos)} tokens, over the cutoff "
+                                   f"length {params.cutoff_len}", index)
+        # Truncated text has no end, so it gets no EOS: the model must not learn to stop mid-sentence.
+        ids, mask, offsets = ids[: budget + len(eos)], mask[: budget + len(eos)], offsets[: budget + len(eos)]
+        ending = []
+    if not any(mask) and not ending:
+        return Problem(source, "dropped: no trained tokens left after truncation", index)
+    end_char = offsets[-1][1] if offsets else 0
+    return Sample(text=text[:end_char] if is_truncated else text, input_ids=bos + list(ids) + ending,
+                  label_mask=[0] * len(bos) + mask + [1] * len(ending), source=source, truncated=is_truncated)
+
+
 def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Preview:
     dataset_path = resolve_user_path(dataset or params.dataset, "dataset")
     if not dataset_path.exists():
@@ -473,85 +210,36 @@ def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Pr
     fmt = load_format(resolve_user_path(params.format, "format")) if params.format else None
 
     problems: list[Problem] = []
-    texts: list[str] = []
-    trained_spans: list[list[tuple[int, int]]] = []
-    sources: list[str] = []
+    rendered: list[tuple[int, str, list]] = []  # (row index, text, trained spans)
     matched_keys: dict[str, int] = {}
-    after = params.train_only_after
     for index, row in enumerate(rows):
-        if "messages" in row and isinstance(row["messages"], list):
-            try:
-                text, spans = _chat_text_and_spans(tokenizer, row["messages"])
-            except ValueError as exc:
-                problems.append(Problem(f"row {index}", f"chat row not used: {exc}", index, sorted(row)))
-                continue
-            key = "messages (chat template)"
-        else:
-            match = fmt.match(row) if fmt else None
-            if match is None:
-                fields = sorted(row_fields(row))
-                reason = ("no format file chosen" if fmt is None
-                          else f"no key of the format file matches its fields {{{', '.join(fields)}}}")
-                problems.append(Problem(f"row {index}", f"unmatched: {reason}", index, fields))
-                continue
-            key, template = match
-            text, literal = render_parts(template, row)
-            spans = [(0, len(text))]
-            if after:
-                at = find_marker_end(text, after, literal)
-                if at is None:
-                    problems.append(Problem(f"row {index}", f"dropped: does not contain the train-only-after "
-                                                            f"string {after!r}", index, sorted(row_fields(row))))
-                    continue
-                spans = [(at, len(text))]
-        matched_keys[key] = matched_keys.get(key, 0) + 1
-        texts.append(text)
-        trained_spans.append(spans)
-        sources.append(f"row {index}")
-
-    bos = [tokenizer.bos_token_id] if params.add_bos_token and tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if params.add_eos_token and tokenizer.eos_token_id is not None else []
-    budget = params.cutoff_len - len(bos) - len(eos)
-    samples: list[Sample] = []
-    truncated = dropped_long = 0
-    all_ids, all_offsets = encode_with_offsets(tokenizer, texts)
-    for text, spans, source, ids, offsets in zip(texts, trained_spans, sources, all_ids, all_offsets):
-        mask = [1 if any(a <= start < b for a, b in spans) else 0 for start, _ in offsets]
-        is_truncated = len(ids) > budget
-        if is_truncated:
-            if params.overlong_samples == "drop":
-                dropped_long += 1
-                index = int(source.split()[1])
-                problems.append(Problem(source, f"dropped: {len(ids) + len(bos) + len(eos)} tokens, over the cutoff "
-                                                f"length {params.cutoff_len}", index))
-                continue
-            # Truncated text has no end, so it gets no EOS: the model must not learn to stop mid-sentence.
-            ids, mask, offsets = ids[: budget + len(eos)], mask[: budget + len(eos)], offsets[: budget + len(eos)]
-            truncated += 1
-            ending = []
-        else:
-            ending = eos
-        if not any(mask) and not ending:
-            index = int(source.split()[1])
-            problems.append(Problem(source, "dropped: no trained tokens left after truncation", index))
+        result = _row_text(row, index, fmt, tokenizer, params.train_only_after)
+        if isinstance(result, Problem):
+            problems.append(result)
             continue
-        end_char = offsets[-1][1] if offsets else 0
-        samples.append(Sample(
-            text=text[:end_char] if is_truncated else text,
-            input_ids=bos + list(ids) + ending,
-            label_mask=[0] * len(bos) + mask + [1] * len(ending),
-            source=source,
-            truncated=is_truncated,
-        ))
+        key, text, spans = result
+        matched_keys[key] = matched_keys.get(key, 0) + 1
+        rendered.append((index, text, spans))
+
+    bos, eos = special_tokens(params, tokenizer)
+    samples: list[Sample] = []
+    overlong = 0  # truncated, or dropped with overlong_samples "drop"
+    all_ids, all_offsets = encode_with_offsets(tokenizer, [text for _, text, _ in rendered])
+    for (index, text, spans), ids, offsets in zip(rendered, all_ids, all_offsets):
+        overlong += len(ids) > _room(params, bos, eos)
+        result = _formatted_sample(text, spans, index, ids, offsets, params, bos, eos)
+        (problems if isinstance(result, Problem) else samples).append(result)
     # No sample at all is not an error here: the preview lists every problem row; a run refuses to start.
-    stats = _stats(samples, params.cutoff_len)
+    stats = sample_stats(samples, params.cutoff_len)
     stats.update(rows=len(rows), unmatched_rows=sum(p.reason.startswith("unmatched") for p in problems),
                  chat_rows_skipped=sum(p.reason.startswith("chat row") for p in problems),
-                 truncated_samples=truncated, dropped_overlong=dropped_long, matched_keys=matched_keys)
+                 truncated_samples=0 if params.overlong_samples == "drop" else overlong,
+                 dropped_overlong=overlong if params.overlong_samples == "drop" else 0,
+                 matched_keys=matched_keys)
     return Preview("formatted", samples, sorted(problems, key=lambda p: p.index), stats)
 
 
-def _stats(samples: list[Sample], cutoff_len: int) -> dict[str, Any]:
+def sample_stats(samples: list[Sample], cutoff_len: int) -> dict[str, Any]:
     lengths = np.array([s.n_tokens for s in samples], dtype=np.int64)
     trained = int(sum(s.n_trained for s in samples))
     return {
@@ -569,15 +257,17 @@ def _stats(samples: list[Sample], cutoff_len: int) -> dict[str, Any]:
 def build_samples(params, tokenizer, dataset: str | None = None) -> Preview:
     """The samples the trainer trains on for these data options (see module docstring).
 
-    With `dataset` given, that formatted dataset is used instead of params.dataset (the eval set).
+    With `dataset` given, that dataset is used instead of params.dataset (the eval set).
     """
+    from .chunking import build_raw_samples  # chunking builds on this module's sample types
+
     with collector_paused():
         if dataset is None and params.is_raw_text:
             return build_raw_samples(params, tokenizer)
         if not (dataset or params.dataset):
             raise DashboardError("Choose a dataset or a raw text file.", field="dataset")
         path = resolve_user_path(dataset or params.dataset, "dataset")
-        if path.suffix.lower() == ".txt" or path.is_dir():
+        if dataset_kind(path) == "raw":
             raw = type(params).from_dict({**params.to_dict(), "raw_text_file": str(path), "dataset": ""})
             return build_raw_samples(raw, tokenizer)
         return build_formatted_samples(params, tokenizer, dataset)

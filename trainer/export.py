@@ -8,8 +8,6 @@ never replaced.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,7 +15,8 @@ from typing import Callable
 
 from .errors import DashboardError
 from .home import check_name, models_dir
-from .runfiles import now_iso, read_json
+from .runfiles import now_iso
+from .storage import lock_beside, named_lock, read_json, write_json_atomic
 
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. A LoRA adapter changes a few weight matrices; "
                "merged into the base model it must give the same predictions.")
@@ -36,7 +35,7 @@ def check_export_target(name: str) -> Path:
 
 def adapter_base_model(adapter_dir: Path) -> str:
     """The base model of an adapter folder (a run folder or one of its checkpoints)."""
-    from .evaluation import run_base_model
+    from .runtable import run_base_model
 
     adapter_dir = Path(adapter_dir)
     run_dir = adapter_dir.parent if adapter_dir.name.startswith("checkpoint-") else adapter_dir
@@ -118,10 +117,9 @@ def export_merged(adapter_dir: Path, name: str, base_model: str | None = None,
         info = {"merged_from": str(adapter_dir), "base_model": base_model,
                 "base_model_path": str(model_path(base_model, progress)), "date": now_iso(),
                 "max_abs_logit_difference": reloaded_difference, "sample_text": sample_text}
-        (staging / "merged_from.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        write_json_atomic(staging / "merged_from.json", info)
         staging.chmod(0o755)
-        with open(target.parent / f".{target.name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with named_lock(lock_beside(target)):  # two exports to one name: the second sees the first's folder
             if target.exists():
                 raise DashboardError(f"models/{target.name} appeared while exporting; nothing was overwritten.")
             staging.rename(target)

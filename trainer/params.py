@@ -1,7 +1,8 @@
-"""One typed definition of every training parameter: defaults, ranges, help, groups and validation.
+"""One typed definition of every training parameter: labels, defaults, ranges, help, groups and validation.
 
-The Train page builds its form from `FIELDS`, the command line builds its options from it, and the
-trainer reads `training_parameters.json` through `TrainingParameters.from_dict`. Keys are named as
+Both pages draw each field from its metadata (views/common.parameter_widget), the command line builds its
+options from it, the sample cache keys on the fields marked `shapes_samples`, every message names a field by
+its label, and the trainer reads `training_parameters.json` through `TrainingParameters.from_dict`. Keys are named as
 text-generation-webui names them where it has them, so a webui run folder's parameters load too.
 """
 
@@ -12,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import DashboardError
 from .home import check_name
@@ -36,90 +37,147 @@ OVERLONG_CHOICES = ["truncate", "drop"]
 GROUPS = ["basic", "data", "lora", "optimisation", "advanced"]
 
 
-def _p(default, help, group, lo=None, hi=None, choices=None, lo_open=False):
-    """A field with its metadata: help text, form group, inclusive range (or open lower bound), choices."""
-    meta = {"help": help, "group": group, "min": lo, "max": hi, "choices": choices, "min_open": lo_open}
+def _p(label, default, help, group, lo=None, hi=None, choices=None, lo_open=False, *, fmt=None,
+       shapes_samples=False, data_kind=None, choices_from=None):
+    """A field with its metadata, the one description every list, form, option and message reads:
+
+    - `label`: what a person reads, on both pages and in every error message (never the code name);
+    - `help`, `group` (the Train page's tab), `min`/`max` (inclusive; `min_open`: the minimum itself is
+      refused), `choices`;
+    - `format`: how a number input shows the value (printf style, as st.number_input takes it);
+    - `shapes_samples`: the option changes the samples build_samples makes (the sample cache keys on these,
+      `preview` offers them, the Data page shows them);
+    - `data_kind`: "raw" or "formatted" when the option applies to that kind of data only;
+    - `choices_from`: where a picker's choices come from ("models", "raw datasets", "formatted datasets",
+      "datasets", "formats") for a text field naming a file.
+    """
+    if fmt is None and isinstance(default, (int, float)) and not isinstance(default, bool):
+        fmt = "%d" if isinstance(default, int) else "%g"
+    meta = {"label": label, "help": help, "group": group, "min": lo, "max": hi, "choices": choices,
+            "min_open": lo_open, "format": fmt, "shapes_samples": shapes_samples, "data_kind": data_kind,
+            "choices_from": choices_from}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def _data(label, default, help, lo=None, hi=None, choices=None, **meta):
+    """A data option: it shapes the samples."""
+    return _p(label, default, help, "data", lo, hi, choices, shapes_samples=True, **meta)
+
+
 @dataclass
 class TrainingParameters:
     # basic
-    lora_name: str = _p("", "Name of the LoRA: its folder under loras/.", "basic")
-    base_model: str = _p(DEFAULT_MODEL, "Model folder or GGUF file under models/ (or the embedded default).", "basic")
-    epochs: float = _p(3.0, "Passes over the data. Ignored when max steps is set.", "basic", 0.0, 1000.0, lo_open=True)
-    max_steps: int = _p(0, "Stop after this many optimiser steps (0: use epochs).", "basic", 0, 10_000_000)
-    learning_rate: float = _p(3e-4, "Peak learning rate. 3e-4 is a good start for LoRA.", "basic", 0.0, 1.0, lo_open=True)
+    lora_name: str = _p("LoRA name", "", "Name of the LoRA: its folder under loras/.", "basic")
+    base_model: str = _p("Base model", DEFAULT_MODEL,
+                         "Model folder or GGUF file under models/ (or the embedded default); its tokenizer counts "
+                         "the tokens of the samples.", "basic", choices_from="models")
+    epochs: float = _p("Epochs", 3.0, "Passes over the data. Ignored when max steps is set.", "basic", 0.0, 1000.0,
+                       lo_open=True)
+    max_steps: int = _p("Max steps", 0, "Stop after this many optimiser steps (0: use epochs).", "basic", 0,
+                        10_000_000)
+    learning_rate: float = _p("Learning rate", 3e-4, "Peak learning rate. 3e-4 is a good start for LoRA.", "basic",
+                              0.0, 1.0, lo_open=True, fmt="%.2e")
     # data
-    dataset: str = _p("", "A .json/.jsonl dataset in datasets/ (formatted data). Leave empty for raw text.", "data")
-    format: str = _p("", "Format file in formats/ that renders each JSON row into a prompt.", "data")
-    raw_text_file: str = _p("", "A .txt file or folder of them in datasets/ (raw text).", "data")
-    eval_dataset: str = _p("", "Optional held-out dataset, evaluated every eval steps.", "data")
-    eval_steps: int = _p(100, "Evaluate every this many steps (when an eval dataset is set).", "data", 1, 10_000_000)
-    cutoff_len: int = _p(256, "Maximum tokens in one sample. Longer text is cut into chunks.", "data", 8, 32768)
-    overlap_len: int = _p(128, "Raw text: tokens shared by consecutive chunks. Must be below cutoff.", "data", 0, 32768)
-    newline_favor_len: int = _p(
-        128, "Raw text: move a cut to a newline lying within this many characters.", "data", 0, 100_000)
-    hard_cut_string: str = _p(
-        "\\n\\n\\n", "Raw text: no chunk crosses this string (escapes such as \\n allowed).", "data")
-    min_chars: int = _p(0, "Raw text: drop blocks whose stripped length is at most this many characters.", "data",
-                        0, 10_000_000)
-    train_only_after: str = _p(
-        "", "Formatted data: only tokens after this string (e.g. 'Assistant:') count in the loss.", "data")
-    add_eos_token: bool = _p(True, "Append the end-of-sequence token to each sample / raw-text block.", "data")
-    add_bos_token: bool = _p(False, "Prepend the beginning-of-sequence token to each sample / chunk.", "data")
-    overlong_samples: str = _p(
-        "truncate", "Formatted samples over the cutoff: truncate them or drop them.", "data", choices=OVERLONG_CHOICES)
+    dataset: str = _data("Dataset", "", "A .json/.jsonl dataset in datasets/ (formatted data). Leave empty for raw "
+                                        "text.", data_kind="formatted", choices_from="formatted datasets")
+    format: str = _data("Format", "", "Format file in formats/ (the home's first, then the shipped ones) that renders "
+                                      "each JSON row into a prompt.", data_kind="formatted", choices_from="formats")
+    raw_text_file: str = _data("Raw text file or folder", "", "A .txt file or folder of them in datasets/ (raw text).",
+                               data_kind="raw", choices_from="raw datasets")
+    eval_dataset: str = _p("Eval dataset", "", "Optional held-out dataset, evaluated every eval steps.", "data",
+                           choices_from="datasets")
+    eval_steps: int = _p("Eval steps", 100, "Evaluate every this many steps (when an eval dataset is set).", "data",
+                         1, 10_000_000)
+    cutoff_len: int = _data("Cutoff length (tokens)", 256,
+                            "Maximum tokens in one sample. Longer text is cut into chunks.", 8, 32768)
+    overlap_len: int = _data("Overlap length (tokens)", 128,
+                             "Raw text: tokens shared by consecutive chunks. Must be below cutoff.", 0, 32768,
+                             data_kind="raw")
+    newline_favor_len: int = _data("Newline favour (characters)", 128,
+                                   "Raw text: move a cut to a newline lying within this many characters.", 0, 100_000,
+                                   data_kind="raw")
+    hard_cut_string: str = _data("Hard cut string", "\\n\\n\\n",
+                                 "Raw text: no chunk crosses this string (escapes such as \\n allowed).",
+                                 data_kind="raw")
+    min_chars: int = _data("Minimum block size (characters)", 0,
+                           "Raw text: drop blocks whose stripped length is at most this many characters.", 0,
+                           10_000_000, data_kind="raw")
+    train_only_after: str = _data(
+        "Train only after", "", "Formatted data: only tokens after this string (e.g. 'Assistant:') count in the loss.",
+        data_kind="formatted")
+    add_eos_token: bool = _data("Add EOS token", True,
+                                "Append the end-of-sequence token to each sample / raw-text block.")
+    add_bos_token: bool = _data("Add BOS token", False,
+                                "Prepend the beginning-of-sequence token to each sample / chunk.")
+    overlong_samples: str = _data("Samples over the cutoff", "truncate",
+                                  "Formatted samples over the cutoff: truncate them or drop them.",
+                                  choices=OVERLONG_CHOICES, data_kind="formatted")
     skip_unmatched_rows: bool = _p(
-        False, "Train even though some rows match no key of the format file (they are skipped).", "data")
+        "Skip unmatched rows", False,
+        "Train even though some rows match no key of the format file (they are skipped).", "data")
     # lora
-    lora_rank: int = _p(32, "LoRA rank: capacity of the adapter. Higher learns more, costs more.", "lora", 1, 1024)
-    lora_alpha: int = _p(64, "LoRA alpha: scale of the adapter. Usually twice the rank.", "lora", 1, 4096)
-    lora_dropout: float = _p(0.05, "Dropout on the LoRA layers.", "lora", 0.0, 0.9)
+    lora_rank: int = _p("LoRA rank", 32, "LoRA rank: capacity of the adapter. Higher learns more, costs more.",
+                        "lora", 1, 1024)
+    lora_alpha: int = _p("LoRA alpha", 64, "LoRA alpha: scale of the adapter. Usually twice the rank.", "lora", 1,
+                         4096)
+    lora_dropout: float = _p("LoRA dropout", 0.05, "Dropout on the LoRA layers.", "lora", 0.0, 0.9, fmt="%.2f")
     target_modules: str = _p(
-        "q-v", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
+        "Target modules", "q-v", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
         choices=list(TARGET_MODULE_CHOICES))
     custom_target_modules: str = _p(
-        "", "Comma-separated module names, checked against the model (with target modules 'custom').", "lora")
+        "Custom target modules", "",
+        "Comma-separated module names, checked against the model (with target modules 'custom').", "lora")
     # optimisation
-    micro_batch_size: int = _p(4, "Samples per forward pass; lower it if memory runs out.", "optimisation", 1, 4096)
+    micro_batch_size: int = _p("Micro batch size", 4, "Samples per forward pass; lower it if memory runs out.",
+                               "optimisation", 1, 4096)
     batch_size: int = _p(
-        8, "Samples per optimiser step: a multiple of micro batch (accumulation = batch / micro).",
+        "Batch size", 8, "Samples per optimiser step: a multiple of micro batch (accumulation = batch / micro).",
         "optimisation", 1, 65536)
     num_processes: int = _p(
-        1, "Processes / GPUs on this machine (torchrun). The batch size is the global batch: "
-           "micro batch x accumulation x processes.", "optimisation", 1, 64)
+        "Processes / GPUs", 1, "Processes / GPUs on this machine (torchrun). The batch size is the global batch: "
+                               "micro batch x accumulation x processes.", "optimisation", 1, 64)
     distributed_strategy: str = _p(
-        "ddp", "With several processes: ddp (each holds the whole model) or fsdp (the model is sharded across "
-               "them, for models that do not fit one GPU).", "optimisation", choices=["ddp", "fsdp"])
-    lr_scheduler_type: str = _p("linear", "Learning-rate schedule (transformers' schedulers).", "optimisation",
-                                choices=SCHEDULERS)
-    warmup_steps: int = _p(10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)
-    optimizer: str = _p("adamw_torch", "Optimiser. 8-bit and paged ones come from bitsandbytes.", "optimisation",
-                        choices=OPTIMIZERS)
-    weight_decay: float = _p(0.0, "Weight decay of the optimiser.", "optimisation", 0.0, 1.0)
-    max_grad_norm: float = _p(1.0, "Clip gradients to this norm (0: no clipping).", "optimisation", 0.0, 1e6)
-    save_steps: int = _p(0, "Save a checkpoint every this many steps (0: only the final adapter).", "optimisation",
+        "Distributed strategy", "ddp",
+        "With several processes: ddp (each holds the whole model) or fsdp (the model is sharded across "
+        "them, for models that do not fit one GPU).", "optimisation", choices=["ddp", "fsdp"])
+    lr_scheduler_type: str = _p("Learning-rate schedule", "linear", "Learning-rate schedule (transformers' schedulers).",
+                                "optimisation", choices=SCHEDULERS)
+    warmup_steps: int = _p("Warmup steps", 10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)
+    optimizer: str = _p("Optimiser", "adamw_torch", "Optimiser. 8-bit and paged ones come from bitsandbytes.",
+                        "optimisation", choices=OPTIMIZERS)
+    weight_decay: float = _p("Weight decay", 0.0, "Weight decay of the optimiser.", "optimisation", 0.0, 1.0,
+                             fmt="%.3f")
+    max_grad_norm: float = _p("Max grad norm", 1.0, "Clip gradients to this norm (0: no clipping).", "optimisation",
+                              0.0, 1e6)
+    save_steps: int = _p("Save every n steps", 0,
+                         "Save a checkpoint every this many steps (0: only the final adapter).", "optimisation",
                          0, 10_000_000)
-    stop_at_loss: float = _p(0.0, "End the run once the loss falls below this (0: never).", "optimisation", 0.0, 100.0)
-    logging_steps: int = _p(1, "Write a metrics line every this many steps.", "optimisation", 1, 100_000)
+    stop_at_loss: float = _p("Stop at loss", 0.0, "End the run once the loss falls below this (0: never).",
+                             "optimisation", 0.0, 100.0)
+    logging_steps: int = _p("Logging steps", 1, "Write a metrics line every this many steps.", "optimisation", 1,
+                            100_000)
     # advanced
-    precision: str = _p("full", "Base model weights: full precision, or 8-bit / 4-bit through bitsandbytes.",
+    precision: str = _p("Precision", "full",
+                        "Base model weights: full precision, or 8-bit / 4-bit through bitsandbytes.",
                         "advanced", choices=PRECISIONS)
-    bnb_4bit_quant_type: str = _p("nf4", "4-bit data type.", "advanced", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = _p(True, "4-bit: quantise the quantisation constants too.", "advanced")
-    gradient_checkpointing: bool = _p(False, "Recompute activations in the backward pass: less memory, slower.",
-                                      "advanced")
-    group_by_length: bool = _p(True, "Batch samples of similar length together so little padding is computed.",
-                               "advanced")
-    packing: bool = _p(False, "Pack several short samples into one row of cutoff length (each still attends only to "
-                               "itself). Off by default: with length grouping little padding is left, and on a CPU "
-                               "packed rows measured slower and used more memory (bench/RESULTS.md).", "advanced")
-    seed: int = _p(0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0, 2**32 - 1)
-    trust_remote_code: bool = _p(False, "Run the model folder's own Python code. Only for models you trust.",
-                                 "advanced")
+    bnb_4bit_quant_type: str = _p("4-bit quantisation type", "nf4", "4-bit data type.", "advanced",
+                                  choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = _p("4-bit double quantisation", True,
+                                         "4-bit: quantise the quantisation constants too.", "advanced")
+    gradient_checkpointing: bool = _p("Gradient checkpointing", False,
+                                      "Recompute activations in the backward pass: less memory, slower.", "advanced")
+    group_by_length: bool = _p("Group by length", True,
+                               "Batch samples of similar length together so little padding is computed.", "advanced")
+    packing: bool = _p("Packing", False,
+                       "Pack several short samples into one row of cutoff length (each still attends only to "
+                       "itself). Off by default: with length grouping little padding is left, and on a CPU "
+                       "packed rows measured slower and used more memory (bench/RESULTS.md).", "advanced")
+    seed: int = _p("Seed", 0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0,
+                   2**32 - 1)
+    trust_remote_code: bool = _p("Trust remote code", False,
+                                 "Run the model folder's own Python code. Only for models you trust.", "advanced")
 
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
@@ -153,7 +211,7 @@ class TrainingParameters:
         return dataclasses.asdict(self)
 
     def write(self, path: Path) -> None:
-        from .runfiles import write_json_atomic
+        from .storage import write_json_atomic
 
         write_json_atomic(Path(path), self.to_dict())
 
@@ -187,36 +245,24 @@ class TrainingParameters:
             found.append(DashboardError(message, field=name))
 
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            meta = f.metadata
-            if meta.get("choices") and value not in meta["choices"]:
-                bad(f.name, f"{f.name} must be one of {', '.join(meta['choices'])}; got {value!r}.")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and not math.isfinite(value):
-                    bad(f.name, f"{f.name} must be a finite number; got {value!r}.")
-                    continue
-                lo, hi = meta.get("min"), meta.get("max")
-                shown = f"{value:g}" if abs(value) < 1e18 else "a huge number"
-                if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)):
-                    bad(f.name, f"{f.name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {shown}.")
-                elif hi is not None and value > hi:
-                    bad(f.name, f"{f.name} must be at most {hi:g}; got {shown}.")
+            message = _range_problem(f, getattr(self, f.name))
+            if message:
+                bad(f.name, message)
         if require_name:
             try:
-                check_name(self.lora_name, "LoRA name")
+                check_name(self.lora_name, label("lora_name"))
             except DashboardError as exc:
                 bad("lora_name", exc.message)
         if not self.base_model.strip():
             bad("base_model", "Choose a base model.")
-        if self.overlap_len >= self.cutoff_len and not self.dataset:  # overlap only applies to raw text
-            bad("overlap_len", f"Overlap length ({self.overlap_len}) must be below the cutoff length ({self.cutoff_len}).")
-        if self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size:
-            bad("batch_size", f"Batch size ({self.batch_size}) must be a multiple of the micro batch size "
-                              f"({self.micro_batch_size}); gradient accumulation is batch / micro batch.")
-        elif self.micro_batch_size > 0 and self.num_processes > 0 and \
-                self.batch_size % (self.micro_batch_size * self.num_processes):
-            bad("batch_size", f"Batch size ({self.batch_size}) must be a multiple of micro batch size x processes "
-                              f"({self.micro_batch_size} x {self.num_processes}): it is the global batch.")
+        if not self.dataset:  # overlap only applies to raw text
+            overlap = overlap_problem(self.overlap_len, self.cutoff_len,
+                                      int(self.add_bos_token) + int(self.add_eos_token))
+            if overlap:
+                found.append(overlap)
+        batch = batch_problem(self.batch_size, self.micro_batch_size, self.num_processes)
+        if batch:
+            bad("batch_size", batch)
         if not self.dataset and not self.raw_text_file:
             bad("dataset", "Choose a dataset (formatted JSON) or a raw text file.")
         if self.dataset and self.raw_text_file:
@@ -234,6 +280,76 @@ class TrainingParameters:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainingParameters)}
+# The options that shape the samples, in form order: the sample cache's key, `preview`'s options, the Data page.
+SAMPLE_OPTIONS = [name for name, f in FIELDS.items() if f.metadata["shapes_samples"]]
+
+
+def label(name: str) -> str:
+    """What a person reads for a parameter: its label, on the pages and in every message."""
+    return FIELDS[name].metadata["label"]
+
+
+def _range_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """A value outside its field's choices or range, said with the field's label."""
+    meta, name = f.metadata, f.metadata["label"]
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}."
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number; got {value!r}."
+    lo, hi = meta.get("min"), meta.get("max")
+    shown = f"{value:g}" if abs(value) < 1e18 else "a huge number"
+    if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)):
+        return f"{name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {shown}."
+    if hi is not None and value > hi:
+        return f"{name} must be at most {hi:g}; got {shown}."
+    return None
+
+
+def overlap_problem(overlap_len: int, cutoff_len: int, special_tokens: int) -> DashboardError | None:
+    """The one overlap rule. Consecutive raw-text chunks share `overlap_len` tokens, so the overlap must stay
+    below the room a chunk has for text: the cutoff minus the BOS/EOS tokens each chunk gets. The form
+    counts the tokens its add_bos/add_eos options ask for; build_raw_samples those the tokenizer has."""
+    room = cutoff_len - special_tokens
+    if overlap_len < room:
+        return None
+    minus = (f" minus {special_tokens} for the BOS/EOS token{'s' if special_tokens > 1 else ''} ({room})"
+             if special_tokens else "")
+    return DashboardError(f"Overlap length ({overlap_len}) must be below the cutoff length ({cutoff_len}){minus}.",
+                          field="overlap_len")
+
+
+def batch_problem(batch_size: int, micro_batch_size: int, processes: int) -> str | None:
+    """The one batch rule: the batch size is the global batch, micro batch x accumulation x processes, so
+    both must divide it (the form checks the processes it asks for, the trainer those it runs)."""
+    if micro_batch_size > 0 and batch_size % micro_batch_size:
+        return (f"Batch size ({batch_size}) must be a multiple of the micro batch size ({micro_batch_size}); "
+                f"gradient accumulation is batch / micro batch.")
+    if micro_batch_size > 0 and processes > 0 and batch_size % (micro_batch_size * processes):
+        return (f"Batch size ({batch_size}) must be a multiple of micro batch size x processes "
+                f"({micro_batch_size} x {processes}): it is the global batch.")
+    return None
+
+
+def read_and_check(values: dict[str, Any], only: Iterable[str] | None = None,
+                   require_name: bool = True) -> tuple["TrainingParameters | None", list[DashboardError]]:
+    """A form's values read and checked: the parameters (None when a value cannot be read) and every problem,
+    each naming its field, a quantised choice that bitsandbytes cannot run here included. `only`: keep the
+    problems of these fields (a page that shows some of the options)."""
+    try:
+        params = TrainingParameters.from_dict(values)
+    except DashboardError as exc:
+        return None, [exc]
+    problems = params.problems(require_name)
+    from .models import bitsandbytes_problem  # models imports this module
+
+    message = bitsandbytes_problem(params.precision, params.optimizer)
+    if message:
+        problems.append(DashboardError(message, field="precision" if params.precision != "full" else "optimizer"))
+    if only is not None:
+        problems = [p for p in problems if p.field in set(only)]
+    return params, problems
 
 
 def decode_escapes(text: str) -> str:
@@ -295,10 +411,11 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         pass
     described = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}[kind]
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-    raise DashboardError(f"{f.name} must be {described}; got {shown}.", field=f.name)
+    raise DashboardError(f"{f.metadata['label']} must be {described}; got {shown}.", field=f.name)
 
 
-_PATH_FIELDS = {"dataset", "eval_dataset", "format", "raw_text_file"}
+# The fields naming a file in datasets/ or formats/.
+_PATH_FIELDS = {name for name, f in FIELDS.items() if f.metadata["choices_from"] not in (None, "models")}
 
 
 def _read_webui_targets(data: dict[str, Any]) -> None:

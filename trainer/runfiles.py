@@ -1,23 +1,48 @@
-"""The files of a run folder (DESIGN.md): atomic JSON writes, status, metrics lines, stop requests."""
+"""The files of a run folder (FORMATS.md): status, metrics lines, stop requests; written through storage.py."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict
+
+# process_start_time, process_alive, read_json and write_json_atomic are re-exported: the trainer, the pages
+# and the tests import them from here.
+from .processes import process_gone, stop_process_group
+from .storage import JsonlAppender, iter_jsonl, read_json, rewrite_jsonl, write_json_atomic  # noqa: F401
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "training_parameters.json"
 LOG_FILE = "train.log"
 STOP_FILE = "stop_requested"
-LIVE_STATES = ("queued", "running")
 FINAL_STATES = ("completed", "stopped", "failed")
+
+
+class RunStatus(TypedDict, total=False):
+    """Every field of a run's status.json (documented in FORMATS.md); nothing else is written to it."""
+
+    state: str  # queued (launcher) -> running (trainer) -> completed | stopped | failed
+    pid: int  # the launched process (python or torchrun), then the trainer's (rank 0) once it takes over
+    pid_start_time: float  # processes.process_start_time(pid): tells the run from a reused pid
+    started_at: str  # ISO time of the first start; a resume keeps it
+    finished_at: str | None  # ISO time the run ended; None while live
+    error: str | None  # the sentence shown for a failed run
+    step: int  # the last optimiser step done
+    total_steps: int
+    epoch: float  # step / steps per epoch
+    message: str | None  # what the trainer is doing before the first step ("loading the model and data")
+    world_size: int  # the number of training processes
+    resumed_from: str | None  # the checkpoint folder name a resume continued from
+    failed_rank: int | None  # the rank whose failure ended a multi-process run
+    reason: str  # why a run ended: the last step reached, a stop requested, stop-at-loss
+
+
+STATUS_FIELDS = tuple(RunStatus.__annotations__)
+# Readers (effective_status) add this one to what they return; it is never written.
+PROCESS_GONE_FIELD = "process_gone"
+PROCESS_GONE_ERROR = ("The trainer process ended without writing a final status (killed, out of memory or "
+                      "the machine restarted). Resume from the last checkpoint to continue.")
 
 
 def run_lock_file(run_dir: Path) -> Path:
@@ -31,39 +56,6 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never a torn one (temp + rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in JSON")
-
-
-def read_json(path: Path) -> dict | None:
-    """A JSON object from disk, or None where it is missing or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_status(run_dir: Path) -> dict | None:
     return read_json(Path(run_dir) / STATUS_FILE)
 
@@ -75,46 +67,16 @@ def update_status(run_dir: Path, **changes: Any) -> dict:
     return status
 
 
-def _finite(value: Any) -> Any:
-    # NaN and infinity are not JSON; they are written as strings so the line stays readable.
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-class MetricsWriter:
-    """Appends one JSON line per call and flushes it, so a reader sees every finished line at once."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._handle = open(self.path, "a", encoding="utf-8")
+class MetricsWriter(JsonlAppender):
+    """metrics.jsonl: one flushed line per record, stamped with the time it was written."""
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {k: _finite(v) for k, v in record.items()}
-        record.setdefault("time", now_iso())
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
+        super().write({**record, "time": record.get("time", now_iso())})
 
 
 def iter_metrics(path: Path) -> Iterator[dict]:
     """Every complete metrics line; a torn or broken line (a writer killed mid-line) is skipped."""
-    try:
-        handle = open(path, encoding="utf-8", errors="replace")
-    except OSError:
-        return
-    with handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break  # torn last line: still being written, or the writer died mid-line
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                yield record
+    return iter_jsonl(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -124,71 +86,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_metrics_after(run_dir: Path, step: int) -> None:
     """Keep only metric lines up to `step` (a resumed run continues from its checkpoint's step)."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return
-    kept = [r for r in iter_metrics(path) if int(r.get("step", 0)) <= step]
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for record in kept:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a process (clock ticks since boot), to tell it from a reused pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return None  # a zombie has finished; only its exit code is left
-    return int(fields[19])
-
-
-def process_alive(pid: int | None, start_time: int | None = None) -> bool:
-    if not pid:
-        return False
-    try:
-        # Reap our own finished child so it does not linger as a zombie.
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    except OSError:
-        pass
-    started = process_start_time(pid)
-    if started is None:
-        return False
-    return start_time is None or started == start_time
+    if path.exists():
+        rewrite_jsonl(path, [r for r in iter_metrics(path) if int(r.get("step", 0)) <= step])
 
 
 def effective_status(run_dir: Path) -> dict | None:
     """status.json as a reader should take it: a live state whose process is gone is shown as failed."""
     status = read_status(run_dir)
-    if status is None:
-        return None
-    if status.get("state") in LIVE_STATES and not process_alive(status.get("pid"), status.get("pid_start_time")):
-        # The launcher writes `queued` just before the trainer takes over; give it a moment.
-        if status.get("state") == "queued" and time.time() - Path(run_dir, STATUS_FILE).stat().st_mtime < 5:
-            return status
-        status = dict(status)
-        status["state"] = "failed"
-        status["process_gone"] = True
-        status["error"] = ("The trainer process ended without writing a final status (killed, out of memory or "
-                           "the machine restarted). Resume from the last checkpoint to continue.")
+    if status is not None and process_gone(status, Path(run_dir) / STATUS_FILE):
+        status = {**status, "state": "failed", PROCESS_GONE_FIELD: True, "error": PROCESS_GONE_ERROR}
     return status
 
 
 def request_stop(run_dir: Path) -> None:
     """Ask a run to stop: a stop file (works across machines) and SIGTERM to its process group."""
-    import signal
-
     run_dir = Path(run_dir)
     (run_dir / STOP_FILE).write_text(now_iso())
-    status = read_status(run_dir) or {}
-    pid = status.get("pid")
-    if status.get("state") in LIVE_STATES and process_alive(pid, status.get("pid_start_time")):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pass
+    stop_process_group(read_status(run_dir) or {})

@@ -1,34 +1,23 @@
-"""Starting, finding and summarising runs under loras/. The Train and Evaluate pages call these."""
+"""Starting and finding runs under loras/: the launch (with its lock and modes), the trainer command line, the
+run folders. The Train and Evaluate pages call these; summaries of runs are in runtable.py."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DashboardError
-from .home import CODE_ROOT, HOME_ENV, check_name, home_dir, loras_dir
+from .home import check_name, home_dir, loras_dir
 from .params import TrainingParameters
+from .processes import LIVE_STATES, launch_detached, process_identity
 from .runfiles import (
-    LIVE_STATES, LOG_FILE, PARAMS_FILE, STATUS_FILE, STOP_FILE, effective_status, now_iso, process_start_time,
-    write_json_atomic,
+    LOG_FILE, PARAMS_FILE, STATUS_FILE, STOP_FILE, effective_status, now_iso, run_lock_file,
 )
+from .storage import named_lock, write_json_atomic
 
 MODES = ("new", "overwrite", "resume")
-
-
-@contextmanager
-def run_lock(name: str):
-    """An exclusive lock per run name, so two Start clicks at once cannot both launch."""
-    lock_dir = loras_dir() / ".locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def run_dir_for(name: str) -> Path:
@@ -118,7 +107,7 @@ def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "lat
 
 
 def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_dir: Path) -> Path:
-    with run_lock(run_dir.name):
+    with named_lock(run_lock_file(run_dir)):  # two Start clicks at once: the second sees the first's run
         if run_dir.exists():
             if is_live(run_dir):
                 raise DashboardError(f"{run_dir.name} is already running; stop it first.", field="lora_name")
@@ -137,20 +126,15 @@ def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_d
         stored = params if mode != "resume" else TrainingParameters.from_file(run_dir / PARAMS_FILE)
         command = trainer_command(run_dir, stored.num_processes)
         if mode == "resume":
-            from .train import find_checkpoint
+            from .checkpoints import find_checkpoint
 
             command += ["--resume", find_checkpoint(run_dir, checkpoint).name]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **{HOME_ENV: str(home_dir())})
-        with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
-            log.write(f"\n=== {now_iso()} {mode}: {' '.join(command)}\n")
-            log.flush()
-            process = subprocess.Popen(command, cwd=CODE_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        process = launch_detached(command, run_dir / LOG_FILE, header=f"{now_iso()} {mode}")
         previous = effective_status(run_dir) or {}
         write_json_atomic(run_dir / STATUS_FILE, {
             **({k: previous[k] for k in ("started_at", "total_steps", "step") if k in previous}
                if mode == "resume" else {}),
-            "state": "queued", "pid": process.pid, "pid_start_time": process_start_time(process.pid),
+            "state": "queued", **process_identity(process.pid),
             "started_at": previous.get("started_at") if mode == "resume" else now_iso(),
             "finished_at": None, "error": None,
         })

@@ -12,7 +12,9 @@ The newest MAX_ENTRIES entries are kept.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import zipfile
@@ -21,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Preview, Problem, Sample, build_samples, raw_text_files
+from .data import Preview, Problem, Sample, build_samples
+from .datafiles import dataset_kind, raw_text_files
 from .home import home_dir, resolve_user_path
+from .params import SAMPLE_OPTIONS
+from .storage import write_bytes_atomic
 
 CACHE_VERSION = 1  # raise when build_samples changes what it makes from the same inputs
 MAX_ENTRIES = 20
-DATA_OPTIONS = ("dataset", "format", "raw_text_file", "cutoff_len", "overlap_len", "newline_favor_len",
-                "hard_cut_string", "min_chars", "train_only_after", "add_eos_token", "add_bos_token",
-                "overlong_samples")
 
 
 def cache_dir() -> Path:
@@ -40,7 +42,7 @@ def input_files(params, dataset: str | None = None) -> list[Path]:
     if dataset is None and params.is_raw_text:
         return raw_text_files(resolve_user_path(params.raw_text_file, "dataset"))
     path = resolve_user_path(dataset or params.dataset, "dataset")
-    if path.suffix.lower() == ".txt" or path.is_dir():
+    if dataset_kind(path) == "raw":
         return raw_text_files(path)
     return [path] + ([resolve_user_path(params.format, "format")] if params.format else [])
 
@@ -62,7 +64,7 @@ def samples_key(params, tokenizer, dataset: str | None = None) -> str | None:
     if fingerprint is None:
         return None
     digest = hashlib.sha256()
-    options = {name: getattr(params, name) for name in DATA_OPTIONS}
+    options = {name: getattr(params, name) for name in SAMPLE_OPTIONS}
     digest.update(json.dumps({"version": CACHE_VERSION, "options": options, "eval_dataset": dataset,
                               "tokenizer": fingerprint}, sort_keys=True).encode("utf-8"))
     for path in input_files(params, dataset):
@@ -78,14 +80,14 @@ def save_preview(path: Path, preview: Preview) -> None:
     lengths = np.array([s.n_tokens for s in samples], dtype=np.int64)
     meta = {"kind": preview.kind, "stats": preview.stats, "problems": [asdict(p) for p in preview.problems],
             "texts": [s.text for s in samples], "sources": [s.source for s in samples]}
-    staging = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(staging, lengths=lengths,
+    buffer = io.BytesIO()
+    np.savez(buffer, lengths=lengths,
              input_ids=np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int64, count=int(lengths.sum())),
              label_mask=np.fromiter((m for s in samples for m in s.label_mask), dtype=np.int8, count=int(lengths.sum())),
              overlap=np.array([s.overlap for s in samples], dtype=np.int64),
              truncated=np.array([s.truncated for s in samples], dtype=np.bool_),
              meta=np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8))
-    os.replace(staging, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_preview(path: Path) -> Preview:
@@ -118,10 +120,13 @@ def cached_build_samples(params, tokenizer, dataset: str | None = None) -> tuple
     if entry.exists():
         try:
             preview = load_preview(entry)
-            os.utime(entry)  # recently used: kept longest
-            return preview, True
         except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-            entry.unlink(missing_ok=True)  # damaged: built again below
+            with contextlib.suppress(OSError):  # a read-only home keeps it; it is built afresh below anyway
+                entry.unlink(missing_ok=True)  # damaged
+        else:
+            with contextlib.suppress(OSError):  # a read-only home reads the cache all the same
+                os.utime(entry)  # recently used: kept longest
+            return preview, True
     preview = build_samples(params, tokenizer, dataset)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,137 @@
-"""Small UI helpers shared by the pages (Streamlit only; all logic lives in trainer/)."""
+"""Small UI helpers shared by the pages (Streamlit only; all logic lives in trainer/).
+
+Three things are done here once for every page:
+- `app_pages`: the pages app.py registers, so a page switches to another by its page object;
+- `keep_widget_values` / `set_widget_values`: the one rule by which a widget keeps its value while another
+  page is shown, and by which a script changes a widget's value;
+- `parameter_widget`: every training parameter drawn from its metadata in trainer/params.py (label, help,
+  choices, number format), so a field looks and reads the same on the Data and the Train page.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import streamlit as st
 
+from trainer.datafiles import dataset_names, format_names
 from trainer.errors import DashboardError
 from trainer.home import home_dir
 from trainer.models import list_models, load_tokenizer
-from trainer.params import DEFAULT_MODEL
+from trainer.params import DEFAULT_MODEL, FIELDS
+
+VIEWS = Path(__file__).resolve().parent
+KEPT = "kept_widget_values"  # a plain session-state dict: Streamlit never cleans it up
+SENT_TO_TRAIN = "sent_to_train"  # options the Data page hands to the Train form
+DATA_OPTIONS = "data_options"  # the Data page's last options that previewed cleanly
+CHOICE_SOURCES = {"models": list_models, "raw datasets": lambda: dataset_names("raw"),
+                  "formatted datasets": lambda: dataset_names("formatted"), "datasets": dataset_names,
+                  "formats": format_names}
 
 
+# ---- pages ---------------------------------------------------------------------------------------
+def app_pages() -> dict[str, st.Page]:
+    """The app's pages by name; app.py registers them with st.navigation (the first is the default)."""
+    return {
+        "data": st.Page(VIEWS / "data.py", title="Data", icon="📄", url_path="data", default=True),
+        "train": st.Page(VIEWS / "train.py", title="Train", icon="🏋️", url_path="train"),
+        "evaluate": st.Page(VIEWS / "evaluate.py", title="Evaluate", icon="📈", url_path="evaluate"),
+    }
+
+
+def send_to_train(options: dict[str, Any]) -> None:
+    """Hand these parameters to the Train form (it applies them on its next run) and show the Train page."""
+    st.session_state[SENT_TO_TRAIN] = dict(options)
+    st.switch_page(app_pages()["train"])
+
+
+def take_sent_options() -> dict[str, Any] | None:
+    """The parameters the Data page sent, once."""
+    return st.session_state.pop(SENT_TO_TRAIN, None)
+
+
+def offer_to_train(options: dict[str, Any]) -> None:
+    """Keep the Data page's options that previewed cleanly: the Train form starts from them, and its
+    "Use the Data page's settings" puts them in."""
+    st.session_state[DATA_OPTIONS] = dict(options)
+
+
+def offered_options() -> dict[str, Any] | None:
+    return st.session_state.get(DATA_OPTIONS)
+
+
+# ---- widget values that survive a page switch ------------------------------------------------------
+def keep_widget_values(defaults: dict[str, Any]) -> None:
+    """Call at the top of a page with every widget key it keeps, and each key's first value.
+
+    Streamlit deletes a widget's value at the end of a run that does not draw it (another page was shown,
+    or a rerun interrupted the run). Each run therefore re-assigns every key (Streamlit's documented
+    `st.session_state[k] = st.session_state[k]`), and keeps a copy in a plain session-state dict from which
+    a deleted key is put back.
+    """
+    kept = st.session_state.setdefault(KEPT, {})
+    for key, default in defaults.items():
+        value = st.session_state[key] if key in st.session_state else kept.get(key, default)
+        st.session_state[key] = kept[key] = value
+
+
+def set_widget_values(values: dict[str, Any]) -> None:
+    """Change widgets' values from the script: in a callback, or before the widgets are drawn."""
+    kept = st.session_state.setdefault(KEPT, {})
+    for key, value in values.items():
+        st.session_state[key] = kept[key] = value
+
+
+# ---- the parameter widget ------------------------------------------------------------------------
+def parameter_widget(name: str, key: str, *, required: bool = False, preferred: str | None = None):
+    """Draw the training parameter `name` as widget `key`, all from its metadata, and return the container
+    under it where the field's problems go (`show_problems`).
+
+    A picker of files (`choices_from`) offers "(none)" and keeps a value it does not list (copied from a run);
+    with `required` it offers only what exists, and a value that is gone becomes `preferred` (or the first).
+    """
+    field = FIELDS[name]
+    meta = field.metadata
+    label, help_text = meta["label"], meta["help"]
+    if meta["choices_from"]:
+        options = _picker_options(meta["choices_from"], key, required, preferred)
+        st.selectbox(label, options, key=key, help=help_text, format_func=lambda value: value or "(none)")
+    elif meta["choices"]:
+        st.selectbox(label, meta["choices"], key=key, help=help_text)
+    elif field.type == "bool":
+        st.checkbox(label, key=key, help=help_text)
+    elif field.type in ("int", "float"):
+        # No min/max on the widget: a value out of range is shown with its problem under the field.
+        st.number_input(label, key=key, step=1 if field.type == "int" else None, format=meta["format"],
+                        help=help_text)
+    else:
+        st.text_input(label, key=key, help=help_text)
+    return st.container()
+
+
+def _picker_options(source: str, key: str, required: bool, preferred: str | None) -> list[str]:
+    options = CHOICE_SOURCES[source]()
+    current = st.session_state.get(key)
+    if required and source != "models":
+        if current not in options and options:
+            set_widget_values({key: preferred if preferred in options else options[0]})
+        return options
+    if source != "models":
+        options = [""] + options
+    if current not in options:
+        options.append(current)
+    return options
+
+
+def show_problems(problems: list[DashboardError], slots: dict[str, Any]) -> None:
+    """Each problem under its field's widget (slots: field name -> container), the others where the page is."""
+    for problem in problems:
+        with slots.get(problem.field or "") or st.container():
+            show_error(problem)
+
+
+# ---- tokenizers, messages --------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False)
 def cached_tokenizer(model_name: str, trust_remote_code: bool = False):
     """The tokenizer of a model, loaded once per server (the default model is converted on first use)."""
@@ -27,45 +149,9 @@ def get_tokenizer(model_name: str, trust_remote_code: bool = False):
         return cached_tokenizer(model_name, trust_remote_code)
 
 
-def model_picker(key: str, default: str | None = None, help: str | None = None) -> str:
-    names = list_models()
-    default = default if default in names else DEFAULT_MODEL
-    return st.selectbox("Base model", names, index=names.index(default), key=key,
-                        help=help or "Folders with config.json and GGUF files under models/; "
-                                     "the embedded SmolLM2-135M-Instruct is always offered.")
-
-
 def show_error(exc: DashboardError) -> None:
     st.error(exc.message, icon="⚠️")
 
 
 def home_caption() -> None:
     st.caption(f"Home folder: `{home_dir()}` (set LORA_DASHBOARD_HOME to use another, e.g. a webui user_data).")
-
-
-def list_dataset_names(kind: str = "any") -> list[str]:
-    """Dataset names under datasets/: "raw" (.txt files and folders of them), "formatted" (.json/.jsonl), "any"."""
-    from trainer.home import datasets_dir
-
-    root = datasets_dir()
-    if not root.is_dir():
-        return []
-    names = []
-    for path in sorted(root.iterdir()):
-        if path.name.startswith("."):
-            continue
-        is_raw = path.suffix.lower() == ".txt" or (path.is_dir() and any(path.glob("*.txt")))
-        is_formatted = path.suffix.lower() in (".json", ".jsonl")
-        if (kind in ("raw", "any") and is_raw) or (kind in ("formatted", "any") and is_formatted):
-            names.append(path.name)
-    return names
-
-
-def list_format_names() -> list[str]:
-    from trainer.home import formats_dirs
-
-    names = []
-    for folder in formats_dirs():
-        if folder.is_dir():
-            names += [p.stem for p in sorted(folder.glob("*.json"))]
-    return list(dict.fromkeys(names))

@@ -1,44 +1,37 @@
 """Data page: choose (or upload) a dataset and the data options, and see exactly what the trainer will
 train on: statistics, a length histogram with the cutoff, problem rows and a paged list of samples.
 
-All logic lives in trainer.data.build_samples; this page only collects options and renders its result.
+The samples come from the sample cache (trainer/samplecache.py, the trainer's own entries); the options,
+numbers, tables and highlighting from trainer/preview.py. This page only draws them.
 """
 
 from __future__ import annotations
 
 import html
-import math
-import os
-from itertools import chain
-from pathlib import Path
 
 import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from views.common import (get_tokenizer, home_caption, list_dataset_names, list_format_names, model_picker,
-                          show_error)
-from trainer.data import build_samples
+from views.common import (get_tokenizer, home_caption, keep_widget_values, offer_to_train, parameter_widget,
+                          send_to_train, set_widget_values, show_error, show_problems)
+from trainer.data import special_tokens
+from trainer.datafiles import DATASET_ENDINGS, kind_by_ending, save_dataset
 from trainer.errors import DashboardError
-from trainer.home import check_name, datasets_dir, formats_dirs, resolve_inside
-from trainer.params import FIELDS, TrainingParameters
+from trainer.home import check_name, datasets_dir
+from trainer.params import TrainingParameters, read_and_check
+from trainer.preview import (DATASET_FIELD, KINDS, PAGE_SIZES, data_options, option_rows, page_range,
+                             preview_caption, preview_metrics, problem_rows, sample_details, token_runs)
+from trainer.samplecache import cached_build_samples
 
 KEY = "dp_"  # widget keys: dp_<name>
-STATE = "data_page_state"  # the page's choices, kept while another page is shown
-RAW, FORMATTED = "Raw text", "Formatted JSON"
-# Option widgets, row by row (the validation message of each appears under it).
-RAW_LAYOUT = [["cutoff_len", "overlap_len", "newline_favor_len", "min_chars", "hard_cut_string"],
-              ["add_eos_token", "add_bos_token"]]
-FORMATTED_LAYOUT = [["format", "train_only_after", "overlong_samples", "cutoff_len"],
-                    ["add_eos_token", "add_bos_token"]]
-RAW_OPTIONS = [name for row in RAW_LAYOUT for name in row]
-FORMATTED_OPTIONS = [name for row in FORMATTED_LAYOUT for name in row]
-PREFERRED = {RAW: "user-guide.txt", FORMATTED: "dashboard-instructions.json"}
-PREFERRED_FORMAT = "alpaca-format"
-UPLOAD_TYPES = ["txt", "json", "jsonl"]
-PERSISTED = [KEY + name for name in ["mode", "dataset_raw", "dataset_formatted", "page_size", "page",
-                                     *dict.fromkeys(RAW_OPTIONS + FORMATTED_OPTIONS)]]
+MODES = {"Raw text": "raw", "Formatted JSON": "formatted"}
+DATASET_KEYS = {"raw": KEY + "dataset_raw", "formatted": KEY + "dataset_formatted"}
+PREFERRED = {"raw_text_file": "user-guide.txt", "dataset": "dashboard-instructions.json", "format": "alpaca-format"}
+UPLOAD_TYPES = [ending.lstrip(".") for ending in DATASET_ENDINGS]
+TITLES = {"special": "special token", "overlap": "shared with the previous chunk",
+          "masked": "masked: context only, not trained", "trained": "trained"}
 
 # Token highlighting; translucent backgrounds so both the light and the dark theme stay readable.
 STYLES = {
@@ -53,75 +46,29 @@ BOX = ("white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMo
        "padding:.45rem .7rem;margin:.15rem 0 .8rem 0;max-height:20rem;overflow-y:auto")
 
 
-def label(name: str) -> str:
-    return {"cutoff_len": "Cutoff length (tokens)", "overlap_len": "Overlap (tokens)",
-            "newline_favor_len": "Newline favour (characters)", "min_chars": "Minimum block size (characters)",
-            "hard_cut_string": "Hard cut string", "add_eos_token": "Add EOS token", "add_bos_token": "Add BOS token",
-            "format": "Format", "train_only_after": "Train only after", "overlong_samples": "Samples over the cutoff",
-            }.get(name, name.replace("_", " ").capitalize())
 
-
-# ---- state ---------------------------------------------------------------------------------------
-def remember(key: str) -> None:
-    """on_change of every persisted widget: copy its value where a page switch does not delete it."""
-    st.session_state.setdefault(STATE, {})[key] = st.session_state[key]
-
-
-def restore_state() -> None:
-    """Streamlit drops a widget's state while another page runs, so the page's choices live in STATE
-    (copied there by each widget's on_change and at the end of a run) and are put back before drawing."""
-    saved = st.session_state.setdefault(STATE, {})
-    defaults = {KEY + name: value for name, value in TrainingParameters().to_dict().items()}
-    defaults.update({KEY + "page_size": 10, KEY + "page": 1})
-    for key in PERSISTED:
-        if key in saved:
-            st.session_state[key] = saved[key]
-        elif key in defaults:
-            st.session_state.setdefault(key, defaults[key])
-
-
-def save_state(model: str) -> None:
-    saved = st.session_state.setdefault(STATE, {})
-    saved.update({key: st.session_state[key] for key in PERSISTED if key in st.session_state})
-    saved["base_model"] = model
-
-
-def choose(key: str, options: list[str], preferred: str) -> None:
-    """Keep a selectbox's state among its options (files come and go), preferring the demo file."""
-    if st.session_state.get(key) not in options and options:
-        st.session_state[key] = preferred if preferred in options else options[0]
+def widget_defaults() -> dict:
+    """Every widget key the page keeps across pages, with its first value."""
+    defaults = TrainingParameters().to_dict()
+    names = dict.fromkeys(name for kind in KINDS for row in option_rows(kind) for name in row)
+    return {**{KEY + name: defaults[name] for name in names}, KEY + "model": defaults["base_model"],
+            KEY + "mode": next(iter(MODES)), DATASET_KEYS["raw"]: None, DATASET_KEYS["formatted"]: None,
+            KEY + "page_size": 10, KEY + "page": 1}
 
 
 # ---- upload --------------------------------------------------------------------------------------
 def save_upload(upload_key: str, name_key: str, replace_key: str) -> None:
-    """Write the uploaded bytes into datasets/ under a checked name; never overwrite without consent."""
+    """Write the uploaded bytes into datasets/ (never over a file without consent) and preview them."""
+    data = st.session_state[upload_key].getvalue()
     try:
-        data = st.session_state[upload_key].getvalue()
-        name = check_name(st.session_state.get(name_key, ""), "file name")
-        if Path(name).suffix.lower().lstrip(".") not in UPLOAD_TYPES:
-            raise DashboardError(f"{name} must end in .txt, .json or .jsonl.")
-        folder = datasets_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        target = resolve_inside(folder, name, "file name")
-        if target.is_dir():
-            raise DashboardError(f"datasets/{name} is a folder; choose another name.")
-        if target.exists() and not st.session_state.get(replace_key):
-            raise DashboardError(f"datasets/{name} already exists; tick 'Replace the existing file' or rename it.")
-        temporary = folder / f".{name}.uploading"
-        temporary.write_bytes(data)
-        os.replace(temporary, target)
+        target = save_dataset(st.session_state.get(name_key, ""), data, bool(st.session_state.get(replace_key)))
     except DashboardError as exc:
         st.session_state[KEY + "upload_message"] = ("error", exc.message)
         return
-    except OSError as exc:
-        st.session_state[KEY + "upload_message"] = (
-            "error", f"Cannot write into datasets/: {exc.strerror or exc}. Is the home folder writable?")
-        return
-    mode = RAW if target.suffix.lower() == ".txt" else FORMATTED
-    for key, value in ((KEY + "mode", mode), (KEY + ("dataset_raw" if mode == RAW else "dataset_formatted"), name)):
-        st.session_state[key] = value
-        remember(key)
-    st.session_state[KEY + "upload_message"] = ("success", f"Saved datasets/{name} ({len(data):,} bytes).")
+    kind = kind_by_ending(target.name)
+    mode = next(mode for mode, k in MODES.items() if k == kind)
+    set_widget_values({KEY + "mode": mode, DATASET_KEYS[kind]: target.name})
+    st.session_state[KEY + "upload_message"] = ("success", f"Saved datasets/{target.name} ({len(data):,} bytes).")
     st.session_state[KEY + "uploads"] = st.session_state.get(KEY + "uploads", 0) + 1  # a fresh, empty uploader
 
 
@@ -152,107 +99,29 @@ def upload_box() -> None:
 
 
 # ---- options -------------------------------------------------------------------------------------
-def option_widget(name: str, slots: dict) -> None:
-    field, key = FIELDS[name], KEY + name
-    meta = field.metadata
-    if name == "format":
-        formats = list_format_names()
-        choose(key, formats, PREFERRED_FORMAT)
-        st.selectbox(label(name), formats, key=key, help=meta["help"] + " Searched in the home's formats/ first.",
-                     on_change=remember, args=(key,))
-    elif meta.get("choices"):
-        st.radio(label(name), meta["choices"], key=key, help=meta["help"], horizontal=True, on_change=remember,
-                 args=(key,))
-    elif field.type == "bool":
-        st.checkbox(label(name), key=key, help=meta["help"], on_change=remember, args=(key,))
-    elif field.type == "int":
-        st.number_input(label(name), key=key, step=1, min_value=meta.get("min"), max_value=meta.get("max"),
-                        help=meta["help"], on_change=remember, args=(key,))
-    else:
-        st.text_input(label(name), key=key, help=meta["help"], on_change=remember, args=(key,))
-    slots[name] = st.container()  # this option's validation message, filled in below
-
-
-def options_form(layout: list[list[str]]) -> dict:
+def options_form(rows: list[list[str]]) -> dict:
+    """The option widgets row by row; returns the container under each for its problems."""
     slots: dict = {}
-    width = max(len(row) for row in layout)
-    for row in layout:
+    width = max(len(row) for row in rows)
+    for row in rows:
         for column, name in zip(st.columns(width), row):
             with column:
-                option_widget(name, slots)
+                slots[name] = parameter_widget(name, KEY + name, required=True, preferred=PREFERRED.get(name))
     return slots
 
 
-# ---- the preview, cached -------------------------------------------------------------------------
-def signature(*paths: Path) -> tuple:
-    """(path, mtime, size) of the files behind a preview, so an edited file is previewed afresh."""
-    files = []
-    for path in paths:
-        members = sorted(p for p in path.iterdir() if p.suffix.lower() == ".txt") if path.is_dir() else [path]
-        for member in members:
-            try:
-                stat = member.stat()
-                files.append((str(member), stat.st_mtime_ns, stat.st_size))
-            except OSError:
-                files.append((str(member), None, None))
-    return tuple(files)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def cached_preview(params: dict, model_name: str, files: tuple, _tokenizer) -> dict:
-    """build_samples' result in a compact form (flat numpy arrays) that the cache restores quickly."""
-    preview = build_samples(TrainingParameters.from_dict(params), _tokenizer)
-    samples = preview.samples
-    lengths = np.fromiter((s.n_tokens for s in samples), np.int64, len(samples))
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(offsets[-1])
-    return {
-        "kind": preview.kind,
-        "stats": preview.stats,
-        "problems": [{"where": p.where, "reason": p.reason, "fields": ", ".join(p.fields)} for p in preview.problems],
-        "texts": [s.text for s in samples],
-        "sources": [s.source for s in samples],
-        "lengths": lengths,
-        "trained": np.fromiter((s.n_trained for s in samples), np.int64, len(samples)),
-        "overlap": np.fromiter((s.overlap for s in samples), np.int64, len(samples)),
-        "truncated": np.fromiter((s.truncated for s in samples), bool, len(samples)),
-        "offsets": offsets,
-        "ids": np.fromiter(chain.from_iterable(s.input_ids for s in samples), np.int64, total),
-        "mask": np.fromiter(chain.from_iterable(s.label_mask for s in samples), np.int8, total),
-    }
-
-
 # ---- rendering -----------------------------------------------------------------------------------
-def token_html(tokenizer, ids: list[int], mask: list[int], overlap: int, bos: int, raw: bool) -> str:
-    """Decode runs of tokens that look alike; special tokens, overlap and masked tokens each styled apart."""
-    special = set(tokenizer.all_special_ids)
-
-    def kind(position: int) -> str:
-        if ids[position] in special:
-            return "special"
-        if bos <= position < bos + overlap:
-            return "overlap"
-        if raw:
-            return "plain"
-        return "trained" if mask[position] else "masked"
-
-    parts, start = [], 0
-    for position in range(1, len(ids) + 1):
-        if position == len(ids) or kind(position) != kind(start) or kind(start) == "special":
-            style = kind(start)
-            text = html.escape(tokenizer.decode(ids[start:position], skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False))
-            if style == "special" and not raw and not mask[start]:
-                style, extra = "special", STYLES["masked"] + ";"
-            else:
-                extra = ""
-            title = {"special": "special token", "overlap": "shared with the previous chunk",
-                     "masked": "masked: context only, not trained", "trained": "trained"}.get(style)
-            attributes = f' class="tok-{style}" style="{extra}{STYLES[style]}"' if style != "plain" else ""
-            if title:
-                attributes += f' title="{title}"'
-            parts.append(f"<span{attributes}>{text}</span>" if attributes else text)
-            start = position
+def token_html(tokenizer, sample, kind: str, bos: int) -> str:
+    """Runs of tokens that look alike, decoded; special tokens, overlap and masked tokens each styled apart."""
+    parts = []
+    for start, end, style in token_runs(sample, kind, bos, set(tokenizer.all_special_ids)):
+        text = html.escape(tokenizer.decode(sample.input_ids[start:end], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False))
+        extra = STYLES["masked"] + ";" if style == "special" and kind != "raw" and not sample.label_mask[start] else ""
+        attributes = f' class="tok-{style}" style="{extra}{STYLES[style]}"' if style != "plain" else ""
+        if style in TITLES:
+            attributes += f' title="{TITLES[style]}"'
+        parts.append(f"<span{attributes}>{text}</span>" if attributes else text)
     return "".join(parts)
 
 
@@ -289,151 +158,97 @@ def show_metrics(items: list[tuple[str, str]]) -> None:
         column.metric(name, value)
 
 
-def show_preview(data: dict, tokenizer, params: TrainingParameters) -> None:
-    stats, raw = data["stats"], data["kind"] == "raw"
-
-    def n(key: str) -> str:
-        return f"{stats.get(key, 0):,}"
-
-    if raw:
-        show_metrics([("Samples", n("samples")), ("Tokens", n("tokens")),
-                      ("Trained tokens", n("trained_tokens")), ("Mean length", f"{stats.get('mean_tokens', 0):.1f}"),
-                      ("Max length", n("max_tokens")), ("Dropped blocks", n("dropped_blocks"))])
-        st.caption(f"{n('files')} file(s), {n('blocks')} block(s) after cutting at the hard cut string; "
-                   f"{n('kept_blocks')} kept.")
-    else:
-        show_metrics([("Rows", n("rows")), ("Samples", n("samples")),
-                      ("Unmatched rows", n("unmatched_rows")),
-                      ("Truncated", n("truncated_samples")),
-                      ("Dropped over cutoff", n("dropped_overlong"))])
-        show_metrics([("Tokens", n("tokens")), ("Trained tokens", n("trained_tokens")),
-                      ("Mean length", f"{stats.get('mean_tokens', 0):.1f}"), ("Max length", n("max_tokens")),
-                      ("Chat rows skipped", n("chat_rows_skipped"))])
-        if stats.get("matched_keys"):
-            keys = stats["matched_keys"].items()
-            st.caption("Matched format keys: " + ", ".join(f"`{k}` × {count}" for k, count in keys))
-
-    st.markdown("**Sample lengths**")
-    st.altair_chart(histogram(data["lengths"], params.cutoff_len), width="stretch")
-    problems = data["problems"]
-    st.markdown(f"**Problems: {len(problems)}**")
-    if problems:
-        st.dataframe(pd.DataFrame(problems, columns=["where", "reason", "fields"]), hide_index=True,
-                     height=min(35 * len(problems) + 38, 300), width="stretch",
+def show_problem_table(preview) -> None:
+    rows = problem_rows(preview)
+    st.markdown(f"**Problems: {len(rows)}**")
+    if rows:
+        st.dataframe(pd.DataFrame(rows, columns=["where", "reason", "fields"]), hide_index=True,
+                     height=min(35 * len(rows) + 38, 300), width="stretch",
                      column_config={"where": st.column_config.TextColumn("where", width="small"),
                                     "reason": st.column_config.TextColumn("reason", width="large"),
                                     "fields": st.column_config.TextColumn("fields", width="medium")})
     else:
-        st.caption("No dropped blocks or unmatched rows." if raw else "Every row became a sample.")
+        st.caption("No dropped blocks or unmatched rows." if preview.kind == "raw" else "Every row became a sample.")
 
+
+def show_samples(preview, tokenizer, params: TrainingParameters) -> None:
     st.subheader("Samples")
-    total = len(data["sources"])
+    total = len(preview.samples)
     controls = st.columns([1, 1, 3])
-    size = controls[0].selectbox("Per page", [5, 10, 25], key=KEY + "page_size", on_change=remember,
-                                 args=(KEY + "page_size",))
-    pages = max(1, math.ceil(total / size))
+    size = controls[0].selectbox("Per page", PAGE_SIZES, key=KEY + "page_size")
+    pages = page_range(total, size, 1)[0]
     if st.session_state.get(KEY + "page", 1) > pages:
-        st.session_state[KEY + "page"] = pages
-    page = controls[1].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key=KEY + "page",
-                                    on_change=remember, args=(KEY + "page",))
+        set_widget_values({KEY + "page": pages})
+    page = controls[1].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key=KEY + "page")
     with controls[2]:
-        st.html(legend(raw))
-    first = (page - 1) * size
-    bos = 1 if params.add_bos_token and tokenizer.bos_token_id is not None else 0
+        st.html(legend(preview.kind == "raw"))
+    _, first, end = page_range(total, size, page)
+    bos = len(special_tokens(params, tokenizer)[0])
     cards = []
-    for i in range(first, min(first + size, total)):
-        a, b = data["offsets"][i], data["offsets"][i + 1]
-        ids, mask = data["ids"][a:b].tolist(), data["mask"][a:b].tolist()
-        overlap = int(data["overlap"][i]) if raw else 0
-        details = [f"{int(data['lengths'][i]):,} tokens"]
-        if raw:
-            details.append(f"overlap {overlap} with the previous chunk" if overlap else "no overlap")
-        else:
-            details.append(f"{int(data['trained'][i]):,} trained")
-            if data["truncated"][i]:
-                details.append("<b>truncated</b>")
-        header = (f'<div style="font-size:.85rem;margin-top:.2rem"><b>#{i + 1}</b> · {html.escape(data["sources"][i])}'
-                  f' · {" · ".join(details)}</div>')
-        body = token_html(tokenizer, ids, mask, overlap, bos if ids and bos else 0, raw)
-        cards.append(f'{header}<div class="sample" style="{BOX}">{body}</div>')
+    for i in range(first, end):
+        sample = preview.samples[i]
+        header = (f'<div style="font-size:.85rem;margin-top:.2rem"><b>#{i + 1}</b> · {html.escape(sample.source)}'
+                  f' · {" · ".join(sample_details(sample, preview.kind))}</div>')
+        cards.append(f'{header}<div class="sample" style="{BOX}">{token_html(tokenizer, sample, preview.kind, bos)}'
+                     f'</div>')
     st.html("".join(cards) or "<p>No samples.</p>")
-    st.caption(f"Samples {first + 1}–{min(first + size, total)} of {total:,}.")
+    st.caption(f"Samples {first + 1}–{end} of {total:,}.")
+
+
+def show_preview(preview, tokenizer, params: TrainingParameters) -> None:
+    for row in preview_metrics(preview):
+        show_metrics(row)
+    caption = preview_caption(preview)
+    if caption:
+        st.caption(caption)
+    st.markdown("**Sample lengths**")
+    lengths = np.fromiter((s.n_tokens for s in preview.samples), np.int64, len(preview.samples))
+    st.altair_chart(histogram(lengths, params.cutoff_len), width="stretch")
+    show_problem_table(preview)
+    show_samples(preview, tokenizer, params)
 
 
 # ---- the page ------------------------------------------------------------------------------------
 st.title("Data")
 home_caption()
-restore_state()
+keep_widget_values(widget_defaults())
 
 top = st.columns([2, 2, 3])
 with top[0]:
-    model = model_picker(KEY + "model", default=st.session_state.get(STATE, {}).get("base_model"),
-                         help="The preview counts tokens with this model's tokenizer.")
+    parameter_widget("base_model", KEY + "model")
 with top[1]:
-    mode = st.radio("Data", [RAW, FORMATTED], key=KEY + "mode", horizontal=True, on_change=remember,
-                    args=(KEY + "mode",),
+    mode = st.radio("Data", list(MODES), key=KEY + "mode", horizontal=True,
                     help="Raw text: .txt files cut into overlapping chunks. Formatted: JSON rows rendered through "
                          "a format file (or the chat template for rows with messages).")
+kind = MODES[mode]
 with top[2]:
-    dataset_key = KEY + ("dataset_raw" if mode == RAW else "dataset_formatted")
-    datasets = list_dataset_names("raw" if mode == RAW else "formatted")
-    choose(dataset_key, datasets, PREFERRED[mode])
-    dataset = st.selectbox(
-        "Dataset" if mode == FORMATTED else "Raw text file or folder", datasets, key=dataset_key,
-        on_change=remember, args=(dataset_key,),
-        help=FIELDS["raw_text_file" if mode == RAW else "dataset"].metadata["help"])
+    slots = {DATASET_FIELD[kind]: parameter_widget(DATASET_FIELD[kind], DATASET_KEYS[kind], required=True,
+                                                   preferred=PREFERRED[DATASET_FIELD[kind]])}
 upload_box()
 
-shown = RAW_OPTIONS if mode == RAW else FORMATTED_OPTIONS
 st.markdown("**Options**")
-slots = options_form(RAW_LAYOUT if mode == RAW else FORMATTED_LAYOUT)
-values = {name: st.session_state[KEY + name] for name in shown}
-options = {"base_model": model, **values}
-options.update({"raw_text_file": dataset or "", "dataset": ""} if mode == RAW
-               else {"dataset": dataset or "", "raw_text_file": ""})
-
-try:
-    params = TrainingParameters.from_dict(options)
-    problems = [p for p in params.problems(require_name=False) if p.field in shown]
-except DashboardError as exc:
-    params, problems = None, [exc]
-for problem in problems:
-    with slots.get(problem.field) or st.container():
-        show_error(problem)
-
-save_state(model)
+rows = option_rows(kind)
+slots.update(options_form(rows))
+shown = [name for row in rows for name in row]
+model, dataset = st.session_state[KEY + "model"], st.session_state[DATASET_KEYS[kind]]
+options = data_options(kind, dataset, {name: st.session_state[KEY + name] for name in shown}, model)
+params, problems = read_and_check(options, only=shown, require_name=False)
+show_problems(problems, slots)
 action = st.empty()  # the "use on the Train page" button, once the options gave a preview
 
 if not dataset:
     st.info("No dataset of this kind in datasets/ yet: upload one above.")
 elif params is not None and not problems:
     try:
-        dataset_path = resolve_inside(datasets_dir(), dataset, "dataset")
-        build = {**options, "raw_text_file": str(dataset_path)} if mode == RAW else {**options,
-                                                                                      "dataset": str(dataset_path)}
-        paths = [dataset_path]
-        if mode == FORMATTED and params.format:
-            format_path = next((folder / f"{params.format}.json" for folder in formats_dirs()
-                                if (folder / f"{params.format}.json").is_file()), None)
-            if format_path is None:
-                raise DashboardError(f"Format file {params.format}.json not found in formats/.", field="format")
-            build["format"] = str(format_path)
-            paths.append(format_path)
         tokenizer = get_tokenizer(model)
         with st.spinner(f"Tokenising {dataset}..."):
-            data = cached_preview(TrainingParameters.from_dict(build).to_dict(), model, signature(*paths), tokenizer)
+            preview, _ = cached_build_samples(params, tokenizer)
     except DashboardError as exc:
         show_error(exc)
     else:
-        # Options that previewed cleanly are what the Train page starts from.
-        st.session_state["data_options"] = dict(options)
+        offer_to_train(options)
         if action.button("Use these settings on the Train page", type="primary",
                          help="Prefill the Train page's data options and base model with the ones above."):
-            if "train_form" in st.session_state:  # the Train form exists already: update its fields
-                for name, value in params.to_dict().items():
-                    if name in options:
-                        st.session_state["train_form"][name] = value
-                        st.session_state["tp_" + name] = value
-            st.switch_page("views/train.py")
+            send_to_train({name: value for name, value in params.to_dict().items() if name in options})
         st.divider()
-        show_preview(data, tokenizer, params)
+        show_preview(preview, tokenizer, params)

@@ -1,117 +1,144 @@
 """Evaluate page: did the LoRA learn, which checkpoint is best, how much did it forget, what does it say now.
 
-Thin UI: every number comes from trainer.evaluation / trainer.jobs / trainer.export. Perplexity and
-export run as background jobs (subprocesses); the page only reads their files.
+Widgets and calls only: runs come from trainer.runtable and trainer.metrics, charts from trainer.charts,
+results and texts from trainer.results, prompts and answers from trainer.generate. Perplexity and export
+run as background jobs (trainer.jobs, subprocesses); the page only reads their files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import streamlit as st
 
 from views.common import cached_tokenizer, home_caption, show_error
-from trainer import evaluation as ev
 from trainer import jobs
+from trainer.adapters import BaseWithAdapters
+from trainer.charts import CHARTS, X_AXES, chart_data, empty_chart_note, metric_chart, perplexity_chart
 from trainer.errors import DashboardError
 from trainer.export import default_export_name
-from trainer.home import datasets_dir, resolve_inside
+from trainer.generate import (
+    TEMPLATE_FORMAT, base_and_adapter_answers, full_prompt, template_choices, visible_answer,
+)
+from trainer.metrics import metrics_frame
 from trainer.models import list_models
-from trainer.runfiles import LIVE_STATES
+from trainer.perplexity import DEFAULT_SETTINGS, LONGEST_WINDOW, EvaluationSettings
+from trainer.results import (
+    TEXT_FROM_FILE, TEXT_PASTED, checkpoint_results, chosen_adapters, forgetting_result, read_results,
+    results_frame, save_comments, start_sentence, text_file_names, text_sources, text_to_evaluate,
+)
+from trainer.processes import LIVE_STATES
 from trainer.runs import list_runs
+from trainer.runtable import adapter_choices, parameter_differences, run_base_model, run_format_name, runs_table
 
 STATE_ICONS = {"running": "🟢", "queued": "⏳", "completed": "✅", "stopped": "⏹️", "failed": "❌"}
-
-st.title("Evaluate")
-home_caption()
-
-run_paths = {p.name: p for p in list_runs()}
-if not run_paths:
-    st.info("No runs yet under loras/. Train one on the Train page, or point LORA_DASHBOARD_HOME at a "
-            "text-generation-webui user_data folder to see its LoRAs.")
-    st.stop()
-names = list(run_paths)
-
-# ---- runs table ----------------------------------------------------------------------------------
-st.subheader("Runs")
-table = ev.runs_table(run_paths.values())
-if "ev_selected" not in st.session_state:
-    st.session_state["ev_selected"] = names[:1]
-st.session_state["ev_selected"] = [n for n in st.session_state["ev_selected"] if n in run_paths]
+TABLE_COLUMNS = {
+    "state": st.column_config.TextColumn("state", help="A running run whose process died shows as failed."),
+    "final loss": st.column_config.NumberColumn(format="%.4f"),
+    "best loss": st.column_config.NumberColumn(format="%.4f"),
+    "best eval loss": st.column_config.NumberColumn(format="%.4f"),
+    "learning rate": st.column_config.NumberColumn(format="%.1e"),
+    "duration (min)": st.column_config.NumberColumn(format="%.1f"),
+    "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
+    "tokens": st.column_config.NumberColumn(format="%d"),
+}
 
 
-def _select_from_table() -> None:
-    rows = st.session_state["ev_table"].selection.rows
-    if rows:
-        st.session_state["ev_selected"] = [names[i] for i in rows if i < len(names)]
+# ---- runs and curves -----------------------------------------------------------------------------------
 
 
-st.dataframe(
-    table, key="ev_table", on_select=_select_from_table, selection_mode="multi-row", hide_index=True,
-    column_config={
-        "state": st.column_config.TextColumn("state", help="A running run whose process died shows as failed."),
-        "final loss": st.column_config.NumberColumn(format="%.4f"),
-        "best loss": st.column_config.NumberColumn(format="%.4f"),
-        "best eval loss": st.column_config.NumberColumn(format="%.4f"),
-        "learning rate": st.column_config.NumberColumn(format="%.1e"),
-        "duration (min)": st.column_config.NumberColumn(format="%.1f"),
-        "started": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm"),
-        "tokens": st.column_config.NumberColumn(format="%d"),
-    })
-st.caption("Click column headers to sort; tick rows to compare them below. Runs from text-generation-webui "
-           "(source webui) show what their training_log.json holds.")
+def runs_section(run_paths: dict[str, Path]) -> None:
+    """The runs table; ticking rows chooses the runs to compare."""
+    names = list(run_paths)
+    st.subheader("Runs")
+    if "ev_selected" not in st.session_state:
+        st.session_state["ev_selected"] = names[:1]
+    st.session_state["ev_selected"] = [n for n in st.session_state["ev_selected"] if n in run_paths]
 
-# ---- curves ----------------------------------------------------------------------------------------
-st.subheader("Curves")
-left, middle, right = st.columns([3, 2, 2])
-selected = left.multiselect("Runs to compare", names, key="ev_selected")
-x_axis = middle.radio("X axis", list(ev.X_AXES), format_func=ev.X_AXES.get, horizontal=True, key="ev_x")
-smoothing = right.slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="ev_smooth",
-                         help="Exponential moving average of the loss (0: none). The raw loss stays drawn faintly.")
-if selected:
-    data = ev.chart_data({n: ev.metrics_frame(run_paths[n]) for n in selected}, x_axis, smoothing)
+    def select_from_table() -> None:
+        rows = st.session_state["ev_table"].selection.rows
+        if rows:
+            st.session_state["ev_selected"] = [names[i] for i in rows if i < len(names)]
+
+    st.dataframe(runs_table(run_paths.values()), key="ev_table", on_select=select_from_table,
+                 selection_mode="multi-row", hide_index=True, column_config=TABLE_COLUMNS)
+    st.caption("Click column headers to sort; tick rows to compare them below. Runs from text-generation-webui "
+               "(source webui) show what their training_log.json holds.")
+
+
+def curves_section(run_paths: dict[str, Path]) -> list[str]:
+    """The chosen runs' curves over each other and their parameter differences; returns the chosen runs."""
+    st.subheader("Curves")
+    left, middle, right = st.columns([3, 2, 2])
+    selected = left.multiselect("Runs to compare", list(run_paths), key="ev_selected")
+    x_axis = middle.radio("X axis", list(X_AXES), format_func=X_AXES.get, horizontal=True, key="ev_x")
+    smoothing = right.slider("Smoothing", 0.0, 0.99, 0.6, 0.01, key="ev_smooth",
+                             help="Exponential moving average of the loss (0: none). The raw loss stays drawn "
+                                  "faintly.")
+    if not selected:
+        st.caption("Choose runs above (or tick rows in the table) to draw their curves.")
+        return selected
+    data = chart_data({n: metrics_frame(run_paths[n]) for n in selected}, x_axis, smoothing)
     columns = st.columns(2)
-    for position, chart_name in enumerate(ev.CHARTS):
+    for position, chart_name in enumerate(CHARTS):
+        chart = metric_chart(data[chart_name], chart_name, data["x_title"], runs=data["runs"])
         with columns[position % 2]:
-            chart = ev.metric_chart(data[chart_name], chart_name, data["x_title"], runs=data["runs"])
             if chart is None:
-                title = ev.CHARTS[chart_name][0]
-                st.caption(f"**{title}**: nothing to draw for these runs"
-                           + (" (no eval lines: set an eval dataset when training)." if "eval" in chart_name else
-                              (" on a time axis (webui runs log no times)." if x_axis == "time" else ".")))
+                st.caption(empty_chart_note(chart_name, x_axis))
             else:
                 st.altair_chart(chart, width="stretch")
     st.caption("Loss: the faint line is the raw loss, the solid one the smoothed loss, the dashed one the eval "
                "loss. Long runs are drawn downsampled (each bucket keeps its lowest and highest point), so spikes "
                "and a loss of 0.0 stay visible. Drag to pan, scroll to zoom, double-click to reset.")
     if len(selected) >= 2:
-        differences = ev.parameter_differences([run_paths[n] for n in selected])
+        differences = parameter_differences([run_paths[n] for n in selected])
         st.markdown("**Parameter differences**")
         if differences.empty:
             st.caption("The selected runs were trained with the same parameters.")
         else:
             st.dataframe(differences, width="stretch")
-else:
-    st.caption("Choose runs above (or tick rows in the table) to draw their curves.")
-
-# ---- one run: perplexity, forgetting, try, export -------------------------------------------------
-st.divider()
-focus_default = selected[0] if selected else names[0]
-if st.session_state.get("ev_run") not in run_paths:
-    st.session_state["ev_run"] = focus_default
-focus = st.selectbox("Run to evaluate, try and export", names, key="ev_run")
-run_dir = run_paths[focus]
-base_model = ev.run_base_model(run_dir)
-adapters = ev.adapter_choices(run_dir)
-if base_model not in list_models():
-    st.warning(f"The base model of {focus} ({base_model or 'unknown'}) is not under models/; copy it there to "
-               f"evaluate, try or export this adapter.")
-st.caption(f"Base model: **{base_model or 'unknown'}** · adapters: {', '.join(adapters) or 'none saved yet'}")
+    return selected
 
 
-def text_files() -> list[str]:
-    root = datasets_dir()
-    return sorted(p.name for p in root.glob("*.txt") if p.is_file()) if root.is_dir() else []
+def focus_section(run_paths: dict[str, Path], selected: list[str]) -> tuple[str, Path, str, dict[str, Path]]:
+    """The run to evaluate, try and export: its name, folder, base model and adapters by label."""
+    st.divider()
+    if st.session_state.get("ev_run") not in run_paths:
+        st.session_state["ev_run"] = selected[0] if selected else next(iter(run_paths))
+    focus = st.selectbox("Run to evaluate, try and export", list(run_paths), key="ev_run")
+    run_dir = run_paths[focus]
+    base_model = run_base_model(run_dir)
+    adapters = adapter_choices(run_dir)
+    if base_model not in list_models():
+        st.warning(f"The base model of {focus} ({base_model or 'unknown'}) is not under models/; copy it there to "
+                   f"evaluate, try or export this adapter.")
+    st.caption(f"Base model: **{base_model or 'unknown'}** · adapters: {', '.join(adapters) or 'none saved yet'}")
+    return focus, run_dir, base_model, adapters
+
+
+# ---- background jobs -----------------------------------------------------------------------------------
+
+
+def watch(job_id: str) -> None:
+    st.session_state.setdefault("ev_watch", []).append(job_id)
+
+
+def show_job(job_id: str, job: dict) -> None:
+    """One job's line: progress with a Cancel button while it runs, then how it ended."""
+    icon = STATE_ICONS.get(job["state"], "❔")
+    if job["state"] in LIVE_STATES:
+        cols = st.columns([6, 1])
+        cols[0].progress(min(max(float(job.get("progress") or 0), 0.0), 1.0),
+                         text=f"{icon} {job['title']}: {job.get('message') or job['state']}")
+        if cols[1].button("Cancel", key=f"ev_cancel_{job_id}"):
+            jobs.cancel_job(job_id)
+    elif job["state"] == "failed":
+        st.error(jobs.job_sentence(job))
+    elif job.get("result"):
+        st.success(jobs.job_sentence(job))
+    else:
+        st.caption(f"{icon} {jobs.job_sentence(job)}")
 
 
 def job_panel(prefix: str) -> None:
@@ -120,8 +147,7 @@ def job_panel(prefix: str) -> None:
     for job in jobs.list_jobs(30):
         if job["state"] in LIVE_STATES and job["id"] not in watched:
             watched.append(job["id"])  # re-attach after a reload or from another tab
-    shown = [jobs.job_state(jobs.job_dir_for(j)) for j in watched]
-    shown = [j for j in shown if j.get("title", "").startswith(prefix)]
+    shown = [j for j in (jobs.job_state(jobs.job_dir_for(i)) for i in watched) if j.get("title", "").startswith(prefix)]
     live = any(j["state"] in LIVE_STATES for j in shown)
 
     @st.fragment(run_every=1.0 if live else None)
@@ -131,25 +157,7 @@ def job_panel(prefix: str) -> None:
             job = jobs.job_state(jobs.job_dir_for(job_id))
             if not job.get("title", "").startswith(prefix):
                 continue
-            icon = STATE_ICONS.get(job["state"], "❔")
-            if job["state"] in LIVE_STATES:
-                cols = st.columns([6, 1])
-                cols[0].progress(min(max(float(job.get("progress") or 0), 0.0), 1.0),
-                                 text=f"{icon} {job['title']}: {job.get('message') or job['state']}")
-                if cols[1].button("Cancel", key=f"ev_cancel_{job_id}"):
-                    jobs.cancel_job(job_id)
-            elif job["state"] == "failed":
-                st.error(f"{job['title']} failed: {job.get('error')}")
-            elif job["state"] == "stopped":
-                st.caption(f"{icon} {job['title']}: stopped.")
-            elif job.get("result"):
-                result = job["result"]
-                st.success(f"Saved models/{result['name']} (merged {Path(result['adapter']).name} into "
-                           f"{result['base_model']}); max |logit difference| after reloading: "
-                           f"{result['max_abs_diff_reloaded']:.1e} (must be under {result['tolerance']:g}).")
-            else:
-                st.caption(f"{icon} {job['title']}: {len(job.get('results', []))} evaluated, "
-                           f"{len(job.get('reused', []))} reused.")
+            show_job(job_id, job)
             if job["state"] not in LIVE_STATES and job_id not in done:
                 done.append(job_id)
                 if live:
@@ -158,32 +166,45 @@ def job_panel(prefix: str) -> None:
     panel()
 
 
-def start_evaluations(tasks: list[dict], title: str, flash: str) -> None:
-    try:
-        started = jobs.start_perplexity(tasks, title)
-    except DashboardError as exc:
-        show_error(exc)
-        return
-    if started["job"]:
-        st.session_state.setdefault("ev_watch", []).append(started["job"])
-    reused, running = len(started["reused"]), started["running"]
-    if started["job"]:
-        message = f"{started['pending']} evaluation(s) started in the background"
-    elif running:
-        message = f"{running} identical evaluation(s) are already running in the background"
-    else:
-        message = f"All {reused} evaluation(s) were done before; their stored results are shown"
-    if started["job"] and running:
-        message += f"; {running} identical one(s) already running"
-    if (started["job"] or running) and reused:
-        message += f"; {reused} identical one(s) reused from earlier results"
-    st.session_state[flash] = message + "."
+def evaluation_controls(button: str, key: str, plan: Callable[[], list[dict]], title: str, prefix: str) -> None:
+    """A button that starts the evaluations `plan` returns in the background (reusing identical stored
+    ones), the sentence saying what happened, and the panel of those jobs."""
+    flash = f"{key}_flash"
+    if st.button(button, key=key, type="primary"):
+        try:
+            started = jobs.start_perplexity(plan(), title)
+            if started["job"]:
+                watch(started["job"])
+            st.session_state[flash] = start_sentence(started)
+        except DashboardError as exc:
+            show_error(exc)
+    if st.session_state.get(flash):
+        st.info(st.session_state.pop(flash))
+    job_panel(prefix)
 
 
-tab_ppl, tab_forget, tab_try, tab_export = st.tabs(["Perplexity", "Forgetting check", "Try it", "Export"])
+# ---- shared inputs -------------------------------------------------------------------------------------
 
-# ---- perplexity ---------------------------------------------------------------------------------------
-with tab_ppl:
+
+def window_inputs(stride_column, length_column, prefix: str) -> EvaluationSettings:
+    """Stride and max length of the sliding window (checked when an evaluation is planned)."""
+    stride = stride_column.number_input("Stride", 1, LONGEST_WINDOW, DEFAULT_SETTINGS.stride, key=f"{prefix}_stride")
+    max_length = length_column.number_input("Max length", 2, LONGEST_WINDOW, DEFAULT_SETTINGS.max_length,
+                                            key=f"{prefix}_maxlen")
+    return EvaluationSettings(int(stride), int(max_length))
+
+
+def text_file_input(column, label: str, key: str) -> str | None:
+    """A .txt file from datasets/, the general text chosen first."""
+    options = text_file_names()
+    general = DEFAULT_SETTINGS.general_text
+    return column.selectbox(label, options, key=key, index=options.index(general) if general in options else 0)
+
+
+# ---- perplexity ----------------------------------------------------------------------------------------
+
+
+def perplexity_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[str, Path]) -> None:
     st.markdown("Sliding-window perplexity: each token is scored once, with up to *max length* tokens of "
                 "context; the window moves by *stride*. Lower is better; compare only numbers computed with the "
                 "same text, stride and max length.")
@@ -191,211 +212,198 @@ with tab_ppl:
     use_base = cols[0].checkbox("Base model alone", value=True, key="ev_ppl_base")
     use_final = cols[1].checkbox("Final adapter", value="final" in adapters, key="ev_ppl_final",
                                  disabled="final" not in adapters)
-    checkpoint_names = [name for name in adapters if name != "final"]
-    chosen_checkpoints = cols[2].multiselect("Checkpoints", checkpoint_names, key=f"ev_ppl_ckpts_{focus}",
-                                             placeholder="none (each one is another evaluation)",
-                                             help="Evaluate checkpoints to see which step is best.")
-    sources = ["A .txt file from datasets/", "The run's training data"]
-    if ev.run_parameters(run_dir).get("eval_dataset"):
-        sources.append("The run's eval data")
-    sources.append("A held-out text (paste it)")
+    checkpoints = cols[2].multiselect("Checkpoints", [name for name in adapters if name != "final"],
+                                      key=f"ev_ppl_ckpts_{focus}", placeholder="none (each one is another evaluation)",
+                                      help="Evaluate checkpoints to see which step is best.")
     cols = st.columns([2, 3])
-    source = cols[0].radio("Text", sources, key="ev_ppl_source")
+    source = cols[0].radio("Text", text_sources(run_dir), key="ev_ppl_source")
     text_choice = pasted = None
-    if source == sources[0]:
-        options = text_files()
-        text_choice = cols[1].selectbox("Text file", options, key="ev_ppl_text",
-                                        index=options.index("general-text.txt") if "general-text.txt" in options
-                                        else 0)
-    elif source.startswith("A held-out"):
+    if source == TEXT_FROM_FILE:
+        text_choice = text_file_input(cols[1], "Text file", "ev_ppl_text")
+    elif source == TEXT_PASTED:
         pasted = cols[1].text_area("Held-out text", key="ev_ppl_paste", height=120,
                                    help="Text the LoRA did not train on; it is stored under results/texts/.")
     cols = st.columns(3)
-    stride = cols[0].number_input("Stride", 1, 32768, 256, key="ev_ppl_stride")
-    max_length = cols[1].number_input("Max length", 2, 32768, 512, key="ev_ppl_maxlen")
+    settings = window_inputs(cols[0], cols[1], "ev_ppl")
     comment = cols[2].text_input("Comment (optional)", key="ev_ppl_comment")
 
-    if st.button("Evaluate perplexity", key="ev_ppl_start", type="primary"):
-        try:
-            if source == sources[0]:
-                if not text_choice:
-                    raise DashboardError("There is no .txt file in datasets/.")
-                text_file, label = resolve_inside(datasets_dir(), text_choice, "text file"), text_choice
-            elif source.startswith("The run's training"):
-                text_file = ev.save_text(ev.run_data_text(run_dir, "train"), f"{focus}-train")
-                label = f"{focus}: training data"
-            elif source.startswith("The run's eval"):
-                text_file = ev.save_text(ev.run_data_text(run_dir, "eval"), f"{focus}-eval")
-                label = f"{focus}: eval data"
-            else:
-                text_file = ev.save_text(pasted or "", "held-out")
-                label = f"held-out {text_file.stem[-12:]}"
-            chosen = ([None] if use_base else []) + ([adapters["final"]] if use_final and "final" in adapters
-                                                     else []) + [adapters[c] for c in chosen_checkpoints]
-            tasks = [jobs.perplexity_task(base_model, adapter, text_file, label, int(stride), int(max_length),
-                                          comment) for adapter in chosen]
-            start_evaluations(tasks, f"perplexity of {focus}", "ev_ppl_flash")
-        except DashboardError as exc:
-            show_error(exc)
-    if st.session_state.get("ev_ppl_flash"):
-        st.info(st.session_state.pop("ev_ppl_flash"))
-    job_panel("perplexity")
+    def plan() -> list[dict]:
+        settings.validate()
+        text_file, label = text_to_evaluate(source, run_dir, text_choice, pasted)
+        chosen = chosen_adapters(adapters, use_base, use_final, checkpoints)
+        return [jobs.perplexity_task(base_model, adapter, text_file, label, settings.stride, settings.max_length,
+                                     comment) for adapter in chosen]
 
-    records = ev.read_results()
+    evaluation_controls("Evaluate perplexity", "ev_ppl_start", plan, f"perplexity of {focus}", "perplexity")
+    results_section(focus, run_dir)
+
+
+def results_section(focus: str, run_dir: Path) -> None:
+    """Every stored result, with an editable comment column, and the focused run's perplexity by checkpoint."""
+    records = read_results()
     st.markdown("**Results** (edit the comment column; it is saved at once)")
-    if records:
-        results = ev.results_frame(records)
-        version = st.session_state.setdefault("ev_results_version", 0)
-        edited = st.data_editor(
-            results, key=f"ev_results_{version}", hide_index=True, width="stretch",
-            disabled=[c for c in results.columns if c != "comment"],
-            column_config={"perplexity": st.column_config.NumberColumn(format="%.4f"),
-                           "comment": st.column_config.TextColumn("comment", width="medium")})
-        changes = {rid: text for rid, text in edited["comment"].items() if text != results.at[rid, "comment"]}
-        if changes:
-            ev.save_comments(changes)
-            st.session_state["ev_results_version"] = version + 1  # a fresh editor over the saved file
-            st.toast("Comment saved.")
-            st.rerun()
-        curve = ev.checkpoint_results(run_dir, records)
-        chart = ev.perplexity_chart(curve)
-        if chart is not None:
-            st.altair_chart(chart, width="stretch")
-        else:
-            st.caption(f"Evaluate {focus}'s checkpoints to see perplexity by checkpoint.")
-    else:
+    if not records:
         st.caption("No results yet.")
+        return
+    results = results_frame(records)
+    version = st.session_state.setdefault("ev_results_version", 0)
+    edited = st.data_editor(
+        results, key=f"ev_results_{version}", hide_index=True, width="stretch",
+        disabled=[c for c in results.columns if c != "comment"],
+        column_config={"perplexity": st.column_config.NumberColumn(format="%.4f"),
+                       "comment": st.column_config.TextColumn("comment", width="medium")})
+    changes = {rid: text for rid, text in edited["comment"].items() if text != results.at[rid, "comment"]}
+    if changes:
+        save_comments(changes)
+        st.session_state["ev_results_version"] = version + 1  # a fresh editor over the saved file
+        st.toast("Comment saved.")
+        st.rerun()
+    chart = perplexity_chart(checkpoint_results(run_dir, records))
+    if chart is not None:
+        st.altair_chart(chart, width="stretch")
+    else:
+        st.caption(f"Evaluate {focus}'s checkpoints to see perplexity by checkpoint.")
 
-# ---- forgetting -----------------------------------------------------------------------------------------
-with tab_forget:
+
+# ---- forgetting ----------------------------------------------------------------------------------------
+
+
+def forgetting_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[str, Path]) -> None:
     st.markdown("A low training loss can mean the model memorised your text and lost general language. This "
                 "measures it: perplexity on a text the LoRA was not trained on, base model against adapter.")
-    options = text_files()
     cols = st.columns(4)
-    general = cols[0].selectbox("General text", options, key="ev_fg_text",
-                                index=options.index("general-text.txt") if "general-text.txt" in options else 0)
+    general = text_file_input(cols[0], "General text", "ev_fg_text")
     adapter_label = cols[1].selectbox("Adapter", list(adapters), key=f"ev_fg_adapter_{focus}")
-    fg_stride = cols[2].number_input("Stride", 1, 32768, 256, key="ev_fg_stride")
-    fg_max_length = cols[3].number_input("Max length", 2, 32768, 512, key="ev_fg_maxlen")
+    settings = window_inputs(cols[2], cols[3], "ev_fg")
     if not adapters:
         st.caption(f"{focus} has no saved adapter yet.")
-    elif general:
-        general_path = resolve_inside(datasets_dir(), general, "text file")
-        if st.button("Run the forgetting check", key="ev_fg_start", type="primary"):
-            try:
-                tasks = [jobs.perplexity_task(base_model, adapter, general_path, general, int(fg_stride),
-                                              int(fg_max_length), "forgetting check")
-                         for adapter in (None, adapters[adapter_label])]
-                start_evaluations(tasks, f"forgetting check of {focus}", "ev_fg_flash")
-            except DashboardError as exc:
-                show_error(exc)
-        if st.session_state.get("ev_fg_flash"):
-            st.info(st.session_state.pop("ev_fg_flash"))
-        job_panel("forgetting")
-        found = ev.forgetting_result(base_model, adapters[adapter_label], general_path, int(fg_stride),
-                                     int(fg_max_length))
-        if found:
-            cols = st.columns(3)
-            cols[0].metric("Base model perplexity", f"{found['base']:.3f}")
-            cols[1].metric(f"With {focus} ({adapter_label})", f"{found['adapter']:.3f}")
-            cols[2].metric("Ratio", f"{found['ratio']:.3f}", delta=f"{found['ratio'] - 1:+.1%}",
-                           delta_color="inverse")
-            (st.warning if found["ratio"] >= 1.1 else st.success)(found["sentence"])
-        else:
-            st.caption("No forgetting check with these settings yet.")
-    else:
+        return
+    if not general:
         st.caption("Put a general .txt text into datasets/ (general-text.txt ships with the project).")
+        return
+    general_path, _ = text_to_evaluate(TEXT_FROM_FILE, run_dir, general)
+    adapter_dir = adapters[adapter_label]
+
+    def plan() -> list[dict]:
+        settings.validate()
+        return [jobs.perplexity_task(base_model, adapter, general_path, general, settings.stride, settings.max_length,
+                                     "forgetting check") for adapter in (None, adapter_dir)]
+
+    evaluation_controls("Run the forgetting check", "ev_fg_start", plan, f"forgetting check of {focus}", "forgetting")
+    found = forgetting_result(base_model, adapter_dir, general_path, settings.stride, settings.max_length)
+    if not found:
+        st.caption("No forgetting check with these settings yet.")
+        return
+    cols = st.columns(3)
+    cols[0].metric("Base model perplexity", f"{found['base']:.3f}")
+    cols[1].metric(f"With {focus} ({adapter_label})", f"{found['adapter']:.3f}")
+    cols[2].metric("Ratio", f"{found['ratio']:.3f}", delta=f"{found['ratio'] - 1:+.1%}", delta_color="inverse")
+    (st.warning if found["worrying"] else st.success)(found["sentence"])
 
 
-# ---- try it ---------------------------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=3)
-def generation_model(model_name: str, adapter_dir: str, stamp: float):
-    """A model for generation, loaded once (stamp: the adapter's modification time, to reload a new one)."""
-    return ev.load_for_generation(model_name, Path(adapter_dir) if adapter_dir else None)
+# ---- try it --------------------------------------------------------------------------------------------
 
 
-def stamp_of(folder: Path | None) -> float:
-    weights = folder / ev.ADAPTER_WEIGHTS if folder else None
-    return weights.stat().st_mtime if weights and weights.exists() else 0.0
+@st.cache_resource(show_spinner=False, max_entries=2)
+def generation_models(model_name: str) -> BaseWithAdapters:
+    """One copy of a base model per server, with the adapters tried so far (a retrained one is reloaded)."""
+    return BaseWithAdapters(model_name, progress=lambda message: None)
 
 
-def shown_answer(text: str) -> str:
-    return text if text.strip() else f"(no visible text: {text!r})"
-
-
-with tab_try:
+def try_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[str, Path]) -> None:
     if not adapters:
         st.caption(f"{focus} has no saved adapter yet.")
-    else:
-        cols = st.columns([1, 2])
-        try_label = cols[0].selectbox("Adapter", list(adapters), key=f"ev_try_adapter_{focus}")
-        templates = {"none": "No template: the prompt as typed"}
-        format_name = ev.run_format_name(run_dir)
-        if format_name:
-            templates["format"] = f"The run's format ({format_name}), instruction filled in"
+        return
+    cols = st.columns([1, 2])
+    try_label = cols[0].selectbox("Adapter", list(adapters), key=f"ev_try_adapter_{focus}")
+    format_name = run_format_name(run_dir)
+    try:
+        tokenizer = cached_tokenizer(base_model)
+    except DashboardError as exc:
+        tokenizer = None
+        show_error(exc)
+    templates = template_choices(format_name, tokenizer)
+    template = cols[1].radio("Template", list(templates), format_func=templates.get, key="ev_try_template",
+                             index=list(templates).index(TEMPLATE_FORMAT) if format_name else 0)
+    prompt = st.text_area("Prompt", key="ev_try_prompt", height=100,
+                          placeholder="Ask something your LoRA was trained on.")
+    cols = st.columns(3)
+    temperature = cols[0].slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="ev_try_temperature",
+                                 help="0: greedy, the same answer every time.")
+    max_new = cols[1].number_input("Max new tokens", 1, 1024, 64, key="ev_try_max_new")
+    seed = cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="ev_try_seed",
+                                help="Fixes the sampling, so an answer can be reproduced.")
+    if st.button("Generate with both", key="ev_try_go", type="primary", disabled=tokenizer is None):
         try:
-            tokenizer = cached_tokenizer(base_model)
+            given = full_prompt(template, prompt, format_name, tokenizer)
+            with st.spinner("Loading the model (once) and generating..."):
+                answers = base_and_adapter_answers(generation_models(base_model), adapters[try_label], tokenizer,
+                                                   given, int(max_new), float(temperature), int(seed))
+            st.session_state["ev_try_output"] = {"prompt": given, "label": f"{focus} ({try_label})", **answers}
         except DashboardError as exc:
-            tokenizer = None
             show_error(exc)
-        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            templates["chat"] = "The model's chat template (user turn)"
-        template = cols[1].radio("Template", list(templates), format_func=templates.get, key="ev_try_template",
-                                 index=1 if format_name else 0)
-        prompt = st.text_area("Prompt", key="ev_try_prompt", height=100,
-                              placeholder="Ask something your LoRA was trained on.")
-        cols = st.columns(3)
-        temperature = cols[0].slider("Temperature", 0.0, 1.5, 0.0, 0.05, key="ev_try_temperature",
-                                     help="0: greedy, the same answer every time.")
-        max_new = cols[1].number_input("Max new tokens", 1, 1024, 64, key="ev_try_max_new")
-        seed = cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="ev_try_seed",
-                                    help="Fixes the sampling, so an answer can be reproduced.")
-        if st.button("Generate with both", key="ev_try_go", type="primary", disabled=tokenizer is None):
-            try:
-                if template == "format":
-                    full_prompt = ev.apply_format(format_name, prompt)
-                elif template == "chat":
-                    full_prompt = ev.apply_chat_template(tokenizer, prompt)
-                else:
-                    full_prompt = prompt
-                adapter_dir = adapters[try_label]
-                outputs = {}
-                with st.spinner("Loading the models (once) and generating..."):
-                    for label, folder in (("base", None), ("adapter", adapter_dir)):
-                        model = generation_model(base_model, str(folder or ""), stamp_of(folder))
-                        outputs[label] = ev.generate_text(model, tokenizer, full_prompt, int(max_new),
-                                                          float(temperature), int(seed))
-                st.session_state["ev_try_output"] = {"prompt": full_prompt, "label": f"{focus} ({try_label})",
-                                                     **outputs}
-            except DashboardError as exc:
-                show_error(exc)
-        output = st.session_state.get("ev_try_output")
-        if output:
-            left_col, right_col = st.columns(2)
-            left_col.markdown(f"**Base model: {base_model}**")
-            left_col.code(shown_answer(output["base"]), language=None, wrap_lines=True)
-            right_col.markdown(f"**With the adapter: {output['label']}**")
-            right_col.code(shown_answer(output["adapter"]), language=None, wrap_lines=True)
-            with st.expander("The exact prompt"):
-                st.code(output["prompt"], language=None, wrap_lines=True)
+    show_answers(base_model, st.session_state.get("ev_try_output"))
 
-# ---- export ---------------------------------------------------------------------------------------------
-with tab_export:
+
+def show_answers(base_model: str, output: dict | None) -> None:
+    """The base model's and the adapter's answers side by side, and the exact prompt."""
+    if not output:
+        return
+    left_col, right_col = st.columns(2)
+    left_col.markdown(f"**Base model: {base_model}**")
+    left_col.code(visible_answer(output["base"]), language=None, wrap_lines=True)
+    right_col.markdown(f"**With the adapter: {output['label']}**")
+    right_col.code(visible_answer(output["adapter"]), language=None, wrap_lines=True)
+    with st.expander("The exact prompt"):
+        st.code(output["prompt"], language=None, wrap_lines=True)
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+
+def export_tab(focus: str, adapters: dict[str, Path], base_model: str) -> None:
     st.markdown("Merge an adapter into its base model and save a normal model folder under `models/` that "
                 "transformers (and text-generation-webui) load without PEFT. The merged model's logits are "
                 "checked against base+adapter before the folder is put in place; nothing is overwritten.")
     if not adapters:
         st.caption(f"{focus} has no saved adapter yet.")
-    else:
-        cols = st.columns(2)
-        export_label = cols[0].selectbox("Adapter", list(adapters), key=f"ev_exp_adapter_{focus}")
-        export_dir = adapters[export_label]
-        export_name = cols[1].text_input("Name under models/", value=default_export_name(export_dir),
-                                         key=f"ev_exp_name_{focus}_{export_label}")
-        if st.button("Merge and save", key="ev_exp_start", type="primary"):
-            try:
-                job_id = jobs.start_export(export_dir, export_name, base_model)
-                st.session_state.setdefault("ev_watch", []).append(job_id)
-            except DashboardError as exc:
-                show_error(exc)
-        job_panel("export")
+        return
+    cols = st.columns(2)
+    export_label = cols[0].selectbox("Adapter", list(adapters), key=f"ev_exp_adapter_{focus}")
+    export_dir = adapters[export_label]
+    export_name = cols[1].text_input("Name under models/", value=default_export_name(export_dir),
+                                     key=f"ev_exp_name_{focus}_{export_label}")
+    if st.button("Merge and save", key="ev_exp_start", type="primary"):
+        try:
+            watch(jobs.start_export(export_dir, export_name, base_model))
+        except DashboardError as exc:
+            show_error(exc)
+    job_panel("export")
+
+
+# ---- the page ------------------------------------------------------------------------------------------
+
+
+def evaluate_page() -> None:
+    st.title("Evaluate")
+    home_caption()
+    run_paths = {p.name: p for p in list_runs()}
+    if not run_paths:
+        st.info("No runs yet under loras/. Train one on the Train page, or point LORA_DASHBOARD_HOME at a "
+                "text-generation-webui user_data folder to see its LoRAs.")
+        return
+    runs_section(run_paths)
+    selected = curves_section(run_paths)
+    focus, run_dir, base_model, adapters = focus_section(run_paths, selected)
+    tab_ppl, tab_forget, tab_try, tab_export = st.tabs(["Perplexity", "Forgetting check", "Try it", "Export"])
+    with tab_ppl:
+        perplexity_tab(focus, run_dir, base_model, adapters)
+    with tab_forget:
+        forgetting_tab(focus, run_dir, base_model, adapters)
+    with tab_try:
+        try_tab(focus, run_dir, base_model, adapters)
+    with tab_export:
+        export_tab(focus, adapters, base_model)
+
+
+evaluate_page()

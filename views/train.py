@@ -3,27 +3,26 @@ through its files (status.json, metrics.jsonl, train.log), so a reload or a seco
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-import altair as alt
-import pandas as pd
 import streamlit as st
 
-from views.common import get_tokenizer, home_caption, list_dataset_names, list_format_names
-from trainer import batching
-from trainer.data import build_samples, unmatched_rows_error
+from views.common import (get_tokenizer, home_caption, keep_widget_values, offered_options, parameter_widget,
+                          set_widget_values, show_error, show_problems, take_sent_options)
+from trainer.checkpoints import list_checkpoints
 from trainer.errors import DashboardError
-from trainer.models import bitsandbytes_problem, list_models
-from trainer.params import FIELDS, GROUPS, TrainingParameters
-from trainer.runfiles import LIVE_STATES, LOG_FILE, PARAMS_FILE, effective_status, read_json, read_metrics, request_stop
+from trainer.loss import loss_warning
+from trainer.params import FIELDS, GROUPS, TrainingParameters, read_and_check
+from trainer.preview import training_plan
+from trainer.charts import loss_chart
+from trainer.metrics import latest_train_line, metrics_frame
+from trainer.processes import LIVE_STATES
+from trainer.runfiles import LOG_FILE, PARAMS_FILE, effective_status, request_stop
+from trainer.storage import read_json
 from trainer.runs import launch, list_runs, multi_node_commands, run_dir_for
-from trainer.train import list_checkpoints
 
 GROUP_TITLES = {"basic": "Basic", "data": "Data", "lora": "LoRA", "optimisation": "Optimisation",
                 "advanced": "Advanced"}
-FLOAT_FORMATS = {"learning_rate": "%.2e", "lora_dropout": "%.2f", "weight_decay": "%.3f"}
 KEY = "tp_"  # widget keys: tp_<parameter name>
+
 
 @st.cache_resource
 def visible_gpus() -> int:
@@ -32,28 +31,22 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def load_into_form(values: dict) -> None:
+    """Put these parameters (read as training_parameters.json is) into the form's fields."""
+    params = TrainingParameters.from_dict(values)
+    set_widget_values({KEY + name: value for name, value in params.to_dict().items()})
+
+
 st.title("Train")
 home_caption()
 gpu_count = visible_gpus()
 
-
-# ---- state: defaults, copied parameters, the Data page's choices ---------------------------------
-# Streamlit forgets a widget's value while another page runs (and can drop it when a run is interrupted),
-# so the form lives in "train_form" and every widget key (tp_<name>) is re-assigned each run: a key set by
-# the script is kept by Streamlit, and a missing one is filled from the form instead of a widget default.
-def load_into_form(values: dict) -> None:
-    params = TrainingParameters.from_dict(values)
-    st.session_state["train_form"] = params.to_dict()
-    for name, value in params.to_dict().items():
-        st.session_state[KEY + name] = value
-
-
-if "train_form" not in st.session_state:
-    initial = TrainingParameters().to_dict()
-    initial.update(st.session_state.get("data_options", {}))
-    st.session_state["train_form"] = TrainingParameters.from_dict(initial).to_dict()
-for _name, _value in st.session_state["train_form"].items():
-    st.session_state[KEY + _name] = st.session_state.get(KEY + _name, _value)
+# ---- state: defaults (the Data page's last clean options first), copied parameters, sent options ------
+keep_widget_values({KEY + name: value for name, value in TrainingParameters.from_dict(
+    {**TrainingParameters().to_dict(), **(offered_options() or {})}).to_dict().items()})
+sent = take_sent_options()
+if sent:
+    load_into_form({**{name: st.session_state[KEY + name] for name in FIELDS}, **sent})
 
 runs = list_runs()
 with st.sidebar:
@@ -67,50 +60,17 @@ with st.sidebar:
         else:
             try:
                 load_into_form(stored)
-                st.session_state[KEY + "lora_name"] = f"{source}-2"
+                set_widget_values({KEY + "lora_name": f"{source}-2"})
                 st.rerun()
             except DashboardError as exc:
                 st.error(exc.message)
-    if "data_options" in st.session_state and st.button("Use the Data page's settings"):
-        load_into_form({**{k[len(KEY):]: v for k, v in st.session_state.items() if k.startswith(KEY)
-                           and k[len(KEY):] in FIELDS}, **st.session_state["data_options"]})
+    if offered_options() and st.button("Use the Data page's settings"):
+        load_into_form({**{name: st.session_state[KEY + name] for name in FIELDS}, **offered_options()})
         st.rerun()
 
 
 # ---- the form ----------------------------------------------------------------------------------
-def field_widget(name: str, slots: dict) -> None:
-    field = FIELDS[name]
-    meta, key, label = field.metadata, KEY + name, name.replace("_", " ").capitalize()
-    if name == "base_model":
-        models = list_models()
-        if st.session_state.get(key) not in models:
-            models.append(st.session_state[key])
-        st.selectbox("Base model", models, key=key, help=meta["help"])
-    elif name in ("dataset", "eval_dataset", "raw_text_file"):
-        kind = "raw" if name == "raw_text_file" else ("any" if name == "eval_dataset" else "formatted")
-        options = [""] + list_dataset_names(kind)
-        if st.session_state.get(key) not in options:
-            options.append(st.session_state[key])
-        st.selectbox(label, options, key=key, help=meta["help"], format_func=lambda v: v or "(none)")
-    elif name == "format":
-        options = [""] + list_format_names()
-        if st.session_state.get(key) not in options:
-            options.append(st.session_state[key])
-        st.selectbox("Format", options, key=key, help=meta["help"], format_func=lambda v: v or "(none)")
-    elif meta.get("choices"):
-        st.selectbox(label, meta["choices"], key=key, help=meta["help"])
-    elif field.type == "bool":
-        st.checkbox(label, key=key, help=meta["help"])
-    elif field.type == "int":
-        st.number_input(label, key=key, step=1, help=meta["help"])
-    elif field.type == "float":
-        st.number_input(label, key=key, step=None, format=FLOAT_FORMATS.get(name, "%g"), help=meta["help"])
-    else:
-        st.text_input(label, key=key, help=meta["help"])
-    slots[name] = st.empty()  # validation message for this field, filled in below
-
-
-slots: dict[str, st.delta_generator.DeltaGenerator] = {}
+slots: dict = {}
 tabs = st.tabs([GROUP_TITLES[g] for g in GROUPS])
 for group, tab in zip(GROUPS, tabs):
     with tab:
@@ -118,7 +78,7 @@ for group, tab in zip(GROUPS, tabs):
         columns = st.columns(3)
         for i, name in enumerate(names):
             with columns[i % 3]:
-                field_widget(name, slots)
+                slots[name] = parameter_widget(name, KEY + name)
         if group == "optimisation" and gpu_count > 1:
             st.caption(f"{gpu_count} GPUs are visible: set processes to {gpu_count} to use them all.")
         if group == "advanced" and st.session_state.get(KEY + "trust_remote_code"):
@@ -128,66 +88,36 @@ for group, tab in zip(GROUPS, tabs):
             st.info("8-bit and 4-bit base models load through bitsandbytes; the LoRA itself trains in full "
                     "precision (prepare_model_for_kbit_training).")
 
-values = {name: st.session_state.get(KEY + name, st.session_state["train_form"].get(name)) for name in FIELDS}
-st.session_state["train_form"] = values
-try:
-    params = TrainingParameters.from_dict(values)
-    problems = params.problems()
-except DashboardError as exc:
-    params, problems = None, [exc]
-if params is not None and (bnb_message := bitsandbytes_problem(params.precision, params.optimizer)):
-    problems.append(DashboardError(bnb_message, field="precision" if params.precision != "full" else "optimizer"))
-for problem in problems:
-    slot = slots.get(problem.field or "")
-    (slot or st).error(problem.message)
+params, problems = read_and_check({name: st.session_state[KEY + name] for name in FIELDS})
+show_problems(problems, slots)
 
 
 # ---- plan: samples, steps per epoch, total steps -------------------------------------------------
-@st.cache_data(show_spinner="Preparing the samples...", max_entries=8)
-def plan(data_key: dict, stamp: tuple) -> dict:
-    params = TrainingParameters.from_dict(data_key)
-    preview = build_samples(params, get_tokenizer(params.base_model, params.trust_remote_code))
-    unmatched = unmatched_rows_error(preview)
-    return {"lengths": [s.n_tokens for s in preview.samples], "tokens": preview.stats["tokens"],
-            "unmatched": unmatched.message if unmatched else None}
-
-
-def dataset_stamp(params: TrainingParameters) -> tuple:
-    from trainer.home import resolve_user_path
-
-    stamps = []
-    for value in (params.dataset, params.raw_text_file, params.format):
-        if value:
-            path = resolve_user_path(value, "format" if value == params.format else "dataset")
-            files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
-            stamps += [(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files if p.exists()]
-    return tuple(stamps)
+def show_plan(plan: dict, params: TrainingParameters) -> None:
+    cols = st.columns(6)
+    cols[0].metric("Samples", plan["samples"])
+    cols[1].metric("Rows", plan["rows"], help="Samples packed into rows of cutoff length (packing)."
+                   if params.packing else "One sample per row (packing is off).")
+    cols[2].metric("Tokens", f"{plan['tokens']:,}")
+    cols[3].metric("Accumulation", f"{plan['accumulation']}",
+                   help="batch size / micro batch size micro-batches per optimiser step")
+    cols[4].metric("Steps per epoch", plan["steps_per_epoch"])
+    cols[5].metric("Total steps", plan["total_steps"])
 
 
 st.subheader("Plan")
 plan_ok = False
-data_fields = {"base_model", "dataset", "raw_text_file", "format", "cutoff_len", "overlap_len", "newline_favor_len",
-               "hard_cut_string", "min_chars", "train_only_after", "add_eos_token", "add_bos_token",
-               "overlong_samples", "trust_remote_code"}
 if params is not None and not any(p.field != "lora_name" for p in problems):
     try:
-        info = plan({k: v for k, v in params.to_dict().items() if k in data_fields}, dataset_stamp(params))
-        steps = batching.plan(info["lengths"], params)
-        cols = st.columns(6)
-        cols[0].metric("Samples", steps["samples"])
-        cols[1].metric("Rows", steps["rows"], help="Samples packed into rows of cutoff length (packing)."
-                       if params.packing else "One sample per row (packing is off).")
-        cols[2].metric("Tokens", f"{info['tokens']:,}")
-        cols[3].metric("Accumulation", f"{params.gradient_accumulation_steps}",
-                       help="batch size / micro batch size micro-batches per optimiser step")
-        cols[4].metric("Steps per epoch", steps["steps_per_epoch"])
-        cols[5].metric("Total steps", steps["total_steps"])
-        if info["unmatched"] and not params.skip_unmatched_rows:
-            st.error(info["unmatched"])
+        with st.spinner("Preparing the samples..."):
+            plan = training_plan(params, get_tokenizer(params.base_model, params.trust_remote_code))
+        show_plan(plan, params)
+        if plan["problem"]:
+            st.error(plan["problem"])
         else:
             plan_ok = True
     except DashboardError as exc:
-        st.error(exc.message)
+        show_error(exc)
 else:
     st.info("Fix the fields marked above to see the plan.")
 
@@ -268,24 +198,6 @@ if live:
     st.caption("Running now: " + ", ".join(live))
 
 
-def loss_chart(metrics: list[dict]) -> alt.Chart | None:
-    rows = [r for r in metrics if "loss" in r]
-    if not rows:
-        return None
-    frame = pd.DataFrame(rows)[["step", "loss"]]
-    if len(frame) > 2000:  # keep the chart light: every n-th point, the last one always kept
-        frame = pd.concat([frame.iloc[:: len(frame) // 2000 + 1], frame.iloc[[-1]]]).drop_duplicates("step")
-    chart = alt.Chart(frame).mark_line(point=len(frame) < 60).encode(
-        x=alt.X("step:Q", title="step"), y=alt.Y("loss:Q", title="training loss", scale=alt.Scale(zero=False)),
-        tooltip=["step", "loss"])
-    evals = [r for r in metrics if "eval_loss" in r]
-    if evals:
-        eval_frame = pd.DataFrame(evals)[["step", "eval_loss"]]
-        chart = chart + alt.Chart(eval_frame).mark_line(color="#2b8a3e", point=True).encode(
-            x="step:Q", y=alt.Y("eval_loss:Q"), tooltip=["step", "eval_loss"])
-    return chart.properties(height=260)
-
-
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -300,8 +212,8 @@ def follow(run_name: str, listed_as_live: bool) -> None:
     state = status.get("state", "unknown")
     if (state in LIVE_STATES) != listed_as_live:
         st.rerun(scope="app")  # the run started or ended: refresh the "Running now" line above
-    metrics = read_metrics(run_dir)
-    last = next((r for r in reversed(metrics) if "loss" in r), {})
+    frame = metrics_frame(run_dir)
+    last = latest_train_line(frame)
     step, total = status.get("step") or 0, status.get("total_steps") or 0
     icon = {"running": "🟢", "queued": "⏳", "completed": "✅", "stopped": "⏹️", "failed": "❌"}.get(state, "❔")
     st.markdown(f"**{icon} {run_name}: {state}**" + (f" — {status['reason']}" if status.get("reason") else ""))
@@ -314,14 +226,10 @@ def follow(run_name: str, listed_as_live: bool) -> None:
     cols[2].metric("Elapsed", format_seconds(last.get("elapsed_s")))
     cols[3].metric("ETA", format_seconds(last.get("eta_s")) if state in LIVE_STATES else "—")
     cols[4].metric("Tokens/s", f"{last.get('tokens_per_second', 0):,.0f}")
-    if "loss" in last:
-        if last["loss"] == 0.0:
-            st.error("A loss of exactly 0 means something is broken (all labels masked, bad data), not a perfect "
-                     "model.")
-        elif last["loss"] < 1.0:
-            st.warning("The loss is under 1.0: the model may be memorising your text and forgetting what it knew. "
-                       "Check a checkpoint on the Evaluate page (forgetting check) before training further.")
-    chart = loss_chart(metrics)
+    warning = loss_warning(last["loss"]) if "loss" in last else None
+    if warning:
+        (st.error if warning[0] == "error" else st.warning)(warning[1])
+    chart = loss_chart(frame)
     if chart is not None:
         st.altair_chart(chart, width="stretch")
     if state in LIVE_STATES:

@@ -1,0 +1,172 @@
+"""Raw text into training samples: blocks cut at the hard cut string, each tokenised once and cut into
+chunks of at most the cutoff that overlap and start and end on line starts where the text allows.
+
+`build_raw_samples` is what trainer.data.build_samples runs for raw text.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .data import Preview, Problem, Sample, encode_with_offsets, sample_stats, special_tokens
+from .datafiles import raw_text_files, read_text_file
+from .errors import DashboardError
+from .home import resolve_user_path
+from .params import overlap_problem
+
+
+def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, budget: int, overlap: int,
+                newline_favor_len: int) -> list[tuple[int, int]]:
+    """Token spans [start, end) covering 0..n_tokens, each at most `budget` long.
+
+    `line_starts` is the sorted array of token indices that begin a line (0 and n_tokens included);
+    `char_pos[b]` is the character offset of token boundary b. A cut moves back to a line start lying
+    within `newline_favor_len` characters, and the next chunk starts `overlap` tokens before the cut,
+    moved to a nearby line start too. Every token is in at least one span: nothing is thrown away.
+    Both ends move forward from span to span, so each span brings tokens the previous one did not hold
+    (a span never lies inside the previous one), and with `overlap > 0` consecutive spans share tokens.
+    """
+    if n_tokens == 0:
+        return []
+    spans = []
+    start = 0
+    previous_end = 0
+    while True:
+        end = min(start + budget, n_tokens)
+        if end < n_tokens and newline_favor_len > 0:
+            # The latest line start in (start + overlap, end] close enough to the planned cut, and past
+            # the previous cut (a start moved back to a line start may lie more than `overlap` before it).
+            i = np.searchsorted(line_starts, end, side="right") - 1
+            if i >= 0:
+                candidate = int(line_starts[i])
+                if (candidate > max(start + overlap, previous_end)
+                        and char_pos[end] - char_pos[candidate] <= newline_favor_len):
+                    end = candidate
+        spans.append((start, end))
+        if end >= n_tokens:
+            return spans
+        next_start = end - overlap
+        if overlap > 0 and newline_favor_len > 0:
+            # The line start nearest the planned start, strictly inside (start, end) so we progress
+            # and keep some overlap.
+            i = np.searchsorted(line_starts, next_start)
+            best = None
+            for j in (i - 1, i):
+                if 0 <= j < len(line_starts):
+                    candidate = int(line_starts[j])
+                    distance = abs(int(char_pos[candidate]) - int(char_pos[next_start]))
+                    if start < candidate < end and distance <= newline_favor_len:
+                        if best is None or distance < best[0]:
+                            best = (distance, candidate)
+            if best is not None:
+                next_start = best[1]
+        previous_end = end
+        start = max(next_start, start + 1)
+
+
+def _line_start_tokens(text: str, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Token boundaries that begin a line, and the character offset of every boundary."""
+    n = len(offsets)
+    char_pos = np.empty(n + 1, dtype=np.int64)
+    char_pos[:n] = offsets[:, 0] if n else 0
+    char_pos[n] = len(text)
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    after_newline = np.zeros(len(text) + 1, dtype=bool)
+    after_newline[1:] = codes == 10
+    is_start = after_newline[char_pos]
+    # A byte-level tokenizer splits an emoji or a CJK character into several tokens that all carry the
+    # character's offsets: a boundary inside a character (the previous token ends after this one
+    # starts) is no line start, even right after a newline.
+    if n > 1:
+        is_start[1:n] &= offsets[:-1, 1] <= offsets[1:, 0]
+    is_start[0] = True
+    is_start[n] = True
+    return np.flatnonzero(is_start), char_pos
+
+
+ENCODE_BATCH_TEXTS = 1000
+
+
+def encode_ahead(tokenizer, texts: list[str], batch: int = ENCODE_BATCH_TEXTS):
+    """Yield (ids, offsets) for each text, tokenising the next batch of texts in a background thread while
+    the caller works on the current one: the Rust tokenizer runs without Python's lock, so the chunking
+    of one batch overlaps the tokenisation of the next (a large text's preview then costs little more
+    than its tokenisation)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(texts) <= batch:
+        yield from zip(*encode_with_offsets(tokenizer, texts))
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenise") as pool:
+        pending = pool.submit(encode_with_offsets, tokenizer, texts[:batch])
+        for start in range(batch, len(texts) + batch, batch):
+            ids, offsets = pending.result()
+            if start < len(texts):
+                pending = pool.submit(encode_with_offsets, tokenizer, texts[start:start + batch])
+            yield from zip(ids, offsets)
+
+
+
+def build_raw_samples(params, tokenizer) -> Preview:
+    # The options are checked before any file is read or tokenised.
+    bos, eos = special_tokens(params, tokenizer)
+    problem = overlap_problem(params.overlap_len, params.cutoff_len, len(bos) + len(eos))
+    if problem:
+        raise problem
+    files = raw_text_files(resolve_user_path(params.raw_text_file, "dataset"))
+    blocks = _blocks(files, params.hard_cut)
+    problems, kept = [], []
+    for index, (text, name) in enumerate(blocks):
+        if len(text) <= params.min_chars:
+            reason = "empty" if not text else f"only {len(text)} characters (minimum block size {params.min_chars})"
+            problems.append(Problem(f"block {index} ({name})", f"dropped: {reason}", index))
+        else:
+            kept.append((index, text, name))
+    if not kept:
+        raise DashboardError(
+            "No text left to train on: every block is empty or shorter than the minimum block size "
+            f"({len(blocks)} block{'s' if len(blocks) != 1 else ''} after cutting at the hard cut string).")
+
+    samples = []
+    for (index, text, name), (ids, offsets) in zip(kept, encode_ahead(tokenizer, [t for _, t, _ in kept])):
+        samples += _block_chunks(text, ids, offsets, f"block {index} ({name})", params, bos, eos)
+    stats = sample_stats(samples, params.cutoff_len)
+    stats.update(blocks=len(blocks), kept_blocks=len(kept), dropped_blocks=len(blocks) - len(kept),
+                 files=len(files))
+    return Preview("raw", samples, problems, stats)
+
+
+def _blocks(files, hard_cut: str) -> list[tuple[str, str]]:
+    """(stripped text, file name) of every block of every file, cut at the hard cut string."""
+    # The text's line ends became \n, so a hard cut typed with \r\n or \r (Windows habits) must too.
+    hard_cut = hard_cut.replace("\r\n", "\n").replace("\r", "\n")
+    blocks = []
+    for file in files:
+        text = read_text_file(file)
+        parts = text.split(hard_cut) if hard_cut else [text]
+        blocks.extend((part.strip(), file.name) for part in parts)
+    return blocks
+
+
+def _block_chunks(text: str, ids: list[int], offsets, where: str, params, bos: list[int],
+                  eos: list[int]) -> list[Sample]:
+    """The chunks of one tokenised block: BOS on each, EOS on the last (the block's end)."""
+    # fromiter over the flattened pairs: several times faster than np.asarray on a list of tuples.
+    offsets = np.fromiter(itertools.chain.from_iterable(offsets), dtype=np.int64, count=2 * len(offsets))
+    line_starts, char_pos = _line_start_tokens(text, offsets.reshape(-1, 2))
+    budget = params.cutoff_len - len(bos) - len(eos)
+    spans = chunk_spans(line_starts, char_pos, len(ids), budget, params.overlap_len, params.newline_favor_len)
+    chunks, previous_end = [], None
+    for number, (start, end) in enumerate(spans):
+        chunk_ids = bos + ids[start:end] + (eos if end == len(ids) else [])
+        chunks.append(Sample(
+            text=text[int(char_pos[start]):int(char_pos[end])],
+            input_ids=chunk_ids,
+            label_mask=[0] * len(bos) + [1] * (len(chunk_ids) - len(bos)),
+            source=f"{where} chunk {number}",
+            overlap=max(0, previous_end - start) if previous_end is not None else 0,
+        ))
+        previous_end = end
+    return chunks

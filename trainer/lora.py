@@ -1,0 +1,166 @@
+"""The model being trained: the base model with its LoRA adapter (peft), wrapped for DDP or FSDP when several
+processes train, with its optimiser and learning-rate schedule; and the eval loss measured during training."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import full_states, load_checkpoint_state, save_checkpoint
+from .distributed import log, shard_with_fsdp
+from .errors import DashboardError
+from .loss import causal_lm_loss_sum, plain_output_head
+
+
+def build_optimizer(name: str, parameters, lr: float, weight_decay: float):
+    import torch
+
+    if name == "adamw_torch":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def build_peft_model(params, model, resume_from: Path | None):
+    """A new LoRA adapter on `model` as the parameters ask, or the adapter of checkpoint `resume_from`."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if params.precision != "full":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.gradient_checkpointing)
+    elif params.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if resume_from is not None:
+        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    targets = params.lora_target_modules()
+    if isinstance(targets, list):
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise DashboardError(
+                f"The model has no module named {', '.join(missing)}. Its linear layers include: "
+                f"{', '.join(sorted(linear_module_names(model)))}.", field="custom_target_modules")
+    config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def linear_module_names(model) -> set[str]:
+    import torch
+
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
+
+
+def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device, head="auto") -> float:
+    """The mean loss per trained token over `samples` (the eval dataset), shortest first."""
+    import torch
+
+    from .batching import collate, trained_targets
+
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(samples)), key=lambda i: samples[i].n_tokens)
+    with torch.no_grad():
+        for i in range(0, len(order), micro_batch_size):
+            batch = collate([[samples[j]] for j in order[i:i + micro_batch_size]], pad_token_id, device)
+            total += float(causal_lm_loss_sum(model, batch, head))
+            count += trained_targets(batch["labels"])
+    model.train()
+    return total / max(count, 1)
+
+
+@dataclass
+class Trainee:
+    """The adapter model in training. `model` is what runs forward and backward (the DDP wrapper under DDP);
+    `peft_model` is what is saved and evaluated."""
+
+    model: object
+    peft_model: object
+    trainable: list
+    sharded: bool  # FSDP: parameters, gradients and optimiser state are split over the processes
+    distributed: bool
+    optimizer: object
+    scheduler: object
+    output_head: object  # None: the loss goes through the model's full logits (trainer/loss.py)
+
+    @classmethod
+    def build(cls, params, device: str, checkpoint: Path | None, dist_info, total_steps: int) -> Trainee:
+        import torch
+        from transformers import get_scheduler
+
+        from .models import load_model
+
+        model = load_model(params.base_model, params.precision, device, params.trust_remote_code,
+                           params.bnb_4bit_quant_type, params.bnb_4bit_use_double_quant, progress=log)
+        model = peft_model = build_peft_model(params, model, checkpoint)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        log(f"Trainable parameters: {sum(p.numel() for p in trainable):,} of "
+             f"{sum(p.numel() for p in model.parameters()):,}.")
+        # FSDP when asked for (the parameter, or `accelerate launch` with an FSDP config); else DDP.
+        sharded = dist_info.enabled and (params.distributed_strategy == "fsdp"
+                                         or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
+        if sharded:
+            model = peft_model = shard_with_fsdp(peft_model)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+        elif dist_info.enabled:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
+        optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
+        scheduler = get_scheduler(params.lr_scheduler_type, optimizer, num_warmup_steps=params.warmup_steps,
+                                  num_training_steps=total_steps)
+        return cls(model, peft_model, trainable, sharded, dist_info.enabled, optimizer, scheduler,
+                   plain_output_head(model))
+
+    def gradient_sync(self, last: bool):
+        """A context for one micro-batch's backward pass: gradients are averaged over the processes only
+        after the step's last micro-batch."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last or not self.distributed else self.model.no_sync()
+
+    def loss_sum(self, batch):
+        return causal_lm_loss_sum(self.model, batch, self.output_head)
+
+    def optimizer_step(self, max_grad_norm: float) -> tuple[float, float]:
+        """Clip the gradients, step the optimiser and the schedule; returns (learning rate used, grad norm)."""
+        import torch
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return learning_rate, float(grad_norm)
+
+    def full_states(self) -> tuple[dict | None, dict]:
+        """(adapter state, optimiser state) to save: a collective under FSDP, so every process calls it."""
+        return full_states(self.model, self.optimizer, self.sharded)
+
+    def save_checkpoint(self, run_dir: Path, step: int, states: tuple[dict | None, dict], loop_state: dict) -> Path:
+        adapter_state, optimizer_state = states
+        return save_checkpoint(run_dir, step, self.peft_model, optimizer_state, self.scheduler, loop_state,
+                               adapter_state)
+
+    def load_checkpoint(self, checkpoint: Path) -> dict:
+        """The optimiser, schedule and RNGs of `checkpoint` (its adapter came with build); its loop state."""
+        return load_checkpoint_state(checkpoint, self.model, self.optimizer, self.scheduler, self.sharded)
+
+    def save_adapter(self, run_dir: Path, adapter_state: dict | None) -> None:
+        self.peft_model.save_pretrained(run_dir, state_dict=adapter_state)

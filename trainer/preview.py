@@ -1,0 +1,126 @@
+"""What the Data and Train pages show about the samples, as plain values the pages only draw.
+
+The Data page: which options each kind of data has, the options it hands to the Train page, the preview's
+numbers, its problem table, a page of sample cards and how each card's tokens are highlighted. The Train
+page: the plan (samples, packed rows, steps). Both read their samples through the sample cache
+(trainer/samplecache.py), the same entries the trainer reads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .data import Preview, Sample, unmatched_rows_error
+from .params import FIELDS, SAMPLE_OPTIONS
+
+KINDS = ("raw", "formatted")
+DATASET_FIELD = {"raw": "raw_text_file", "formatted": "dataset"}  # where each kind names its data
+PAGE_SIZES = [5, 10, 25]
+
+
+# ---- the Data page's options -----------------------------------------------------------------------
+def option_rows(kind: str) -> list[list[str]]:
+    """The options of this kind of data in form order (the dataset picker itself is drawn apart): a row of
+    values, then a row of switches."""
+    names = [name for name in SAMPLE_OPTIONS if FIELDS[name].metadata["data_kind"] in (None, kind)
+             and name not in DATASET_FIELD.values()]
+    switches = [name for name in names if FIELDS[name].type == "bool"]
+    return [[name for name in names if name not in switches], switches]
+
+
+def data_options(kind: str, dataset: str | None, values: dict[str, Any], base_model: str) -> dict[str, Any]:
+    """The Data page's choices as training parameters: the dataset in its kind's field, the other one empty."""
+    other = next(k for k in KINDS if k != kind)
+    return {"base_model": base_model, **values, DATASET_FIELD[kind]: dataset or "", DATASET_FIELD[other]: ""}
+
+
+# ---- the preview's numbers and tables --------------------------------------------------------------
+def preview_metrics(preview: Preview) -> list[list[tuple[str, str]]]:
+    """Rows of (name, value) for the preview's statistics."""
+    stats = preview.stats
+
+    def n(key: str) -> str:
+        return f"{stats.get(key, 0):,}"
+
+    mean = f"{stats.get('mean_tokens', 0):.1f}"
+    if preview.kind == "raw":
+        return [[("Samples", n("samples")), ("Tokens", n("tokens")), ("Trained tokens", n("trained_tokens")),
+                 ("Mean length", mean), ("Max length", n("max_tokens")), ("Dropped blocks", n("dropped_blocks"))]]
+    return [[("Rows", n("rows")), ("Samples", n("samples")), ("Unmatched rows", n("unmatched_rows")),
+             ("Truncated", n("truncated_samples")), ("Dropped over cutoff", n("dropped_overlong"))],
+            [("Tokens", n("tokens")), ("Trained tokens", n("trained_tokens")), ("Mean length", mean),
+             ("Max length", n("max_tokens")), ("Chat rows skipped", n("chat_rows_skipped"))]]
+
+
+def preview_caption(preview: Preview) -> str:
+    """The line under the numbers: where the raw samples come from, or which format keys matched."""
+    stats = preview.stats
+    if preview.kind == "raw":
+        return (f"{stats['files']:,} file(s), {stats['blocks']:,} block(s) after cutting at the hard cut string; "
+                f"{stats['kept_blocks']:,} kept.")
+    keys = stats.get("matched_keys") or {}
+    return "Matched format keys: " + ", ".join(f"`{k}` × {count}" for k, count in keys.items()) if keys else ""
+
+
+def problem_rows(preview: Preview) -> list[dict[str, str]]:
+    """The problem table: where, reason and the row's fields."""
+    return [{"where": p.where, "reason": p.reason, "fields": ", ".join(p.fields)} for p in preview.problems]
+
+
+def page_range(total: int, size: int, page: int) -> tuple[int, int, int]:
+    """(number of pages, first index, end index) of page `page` (from 1, kept inside the pages)."""
+    pages = max(1, math.ceil(total / size))
+    first = (min(max(page, 1), pages) - 1) * size
+    return pages, first, min(first + size, total)
+
+
+def sample_details(sample: Sample, kind: str) -> list[str]:
+    """A sample card's header after its source: its length, and its overlap or trained tokens."""
+    details = [f"{sample.n_tokens:,} tokens"]
+    if kind == "raw":
+        details.append(f"overlap {sample.overlap} with the previous chunk" if sample.overlap else "no overlap")
+    else:
+        details.append(f"{sample.n_trained:,} trained")
+        if sample.truncated:
+            details.append("<b>truncated</b>")
+    return details
+
+
+def token_runs(sample: Sample, kind: str, bos: int, special_ids: set[int]) -> list[tuple[int, int, str]]:
+    """The sample's tokens as runs (start, end, style) that are highlighted alike: "special" (one token each),
+    "overlap" (shared with the previous chunk, after the `bos` BOS tokens), "plain" (raw text), "trained" or
+    "masked"."""
+    ids, mask = sample.input_ids, sample.label_mask
+    overlap = sample.overlap if kind == "raw" else 0
+
+    def style(position: int) -> str:
+        if ids[position] in special_ids:
+            return "special"
+        if bos <= position < bos + overlap:
+            return "overlap"
+        if kind == "raw":
+            return "plain"
+        return "trained" if mask[position] else "masked"
+
+    runs, start = [], 0
+    for position in range(1, len(ids) + 1):
+        if position == len(ids) or style(position) != style(start) or style(start) == "special":
+            runs.append((start, position, style(start)))
+            start = position
+    return runs
+
+
+# ---- the Train page's plan -------------------------------------------------------------------------
+def training_plan(params, tokenizer) -> dict[str, Any]:
+    """Samples, packed rows, tokens, accumulation, steps per epoch and total steps of these parameters, and
+    `problem`: why the run would refuse to start (rows that match no key, unless they may be skipped)."""
+    from . import batching
+    from .samplecache import cached_build_samples
+
+    preview, _ = cached_build_samples(params, tokenizer)
+    plan = batching.plan([s.n_tokens for s in preview.samples], params)
+    unmatched = unmatched_rows_error(preview)
+    plan.update(tokens=preview.stats["tokens"],
+                problem=unmatched.message if unmatched and not params.skip_unmatched_rows else None)
+    return plan
