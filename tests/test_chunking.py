@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from trainer.chunking import _line_start_tokens, build_raw_samples, chunk_spans, encode_ahead
+from trainer.chunking import _line_start_tokens, build_raw_samples, chunk_spans, encode_ahead, overlap_band
 from trainer.data import build_samples, encode_with_offsets
 from trainer.errors import DashboardError
 from trainer.params import TrainingParameters, decode_escapes
@@ -173,13 +173,15 @@ def test_raw_chunking_properties(home, tokenizer, case, line_ending, data):
             else:
                 # progress: every chunk brings new tokens, and shares tokens only with what came before
                 assert sample.overlap < len(body)
-                # (d) overlaps as configured
+                # (d) overlaps as configured: exact without newline favour, else inside the band
+                low, high = overlap_band(params.overlap_len, budget)
                 if params.newline_favor_len == 0:
                     assert sample.overlap == params.overlap_len
-                elif params.overlap_len > 0:
-                    assert sample.overlap > 0
                 else:
-                    assert sample.overlap == 0
+                    assert low <= sample.overlap <= high, (sample.overlap, params.overlap_len, budget)
+                # (d') a chunk adds at least half its tokens as new text, where the overlap asked allows it
+                if not last and params.overlap_len <= budget // 2:
+                    assert 2 * (len(body) - sample.overlap) >= len(body), (len(body), sample.overlap)
             assert body == ids[start:start + len(body)]
             covered_to = start + len(body)
             if not last:
@@ -248,22 +250,27 @@ def check_spans(line_starts, char_pos, n, budget, overlap, favor):
             assert p_end < end, "a chunk lying inside the previous one adds nothing"
             assert start <= p_end, "a gap between chunks throws tokens away"
             planned_start = p_end - overlap
+            low, high = overlap_band(overlap, budget)
             if overlap == 0:
                 assert start == p_end
             elif favor == 0:
                 assert start == planned_start
             else:
                 assert start < p_end, "overlap > 0 must give shared tokens"
+                assert low <= p_end - start <= high, "the overlap stays in its band"
                 if start != planned_start:
                     assert start in starts_set
                     assert abs(int(char_pos[start]) - int(char_pos[planned_start])) <= favor
+            if end < n and overlap <= budget // 2:
+                assert 2 * (end - p_end) >= end - start, "a chunk adds at least half its tokens as new text"
         if end < n:
             if favor == 0:
                 assert end == planned
             else:
                 # (h) the cut moves back to the latest line start within newline_favor_len characters
-                # (keeping room for the overlap and for new tokens), and only there.
-                lower = max(start + overlap, previous[1] if previous else 0)
+                # (keeping room for the next overlap, and half the chunk new), and only there.
+                p_end = previous[1] if previous else 0
+                lower = max(start + overlap, p_end, 2 * p_end - start)
                 eligible = [s for s in starts_set
                             if lower < s <= planned and char_pos[planned] - char_pos[s] <= favor]
                 if eligible:
@@ -279,6 +286,28 @@ def check_spans(line_starts, char_pos, n, budget, overlap, favor):
 @example(case=(np.array([0, 4, 8, 30, 40]), np.arange(41), 40, 10, 3, 200))
 def test_chunk_spans_properties(case):
     check_spans(*case)
+
+
+def test_overlap_band():
+    assert overlap_band(0, 255) == (0, 0)
+    assert overlap_band(32, 255) == (16, 64)
+    assert overlap_band(100, 255) == (50, 127)  # never past half the budget ...
+    assert overlap_band(200, 255) == (100, 200)  # ... unless the overlap asked is more
+
+
+def test_cjk_text_overlaps_as_asked(home, tokenizer):
+    """The issue's case: Chinese text, cutoff 256, overlap 32, newline favour 128. A character is about a
+    token, so a line start 128 characters away used to make chunks share up to 209 of their 255 tokens."""
+    sentences = ["训练数据被切成有重叠的片段", "每个片段最多二百五十六个词元", "换行处优先切开",
+                 "重叠部分应当接近所要求的长度", "这样每个片段都带来新的文本"]
+    lines = ["，".join(sentences[(i + j) % len(sentences)] for j in range(1 + i % 4)) + "。" for i in range(400)]
+    preview = write_and_build(home, "\n".join(lines), tokenizer, name="cjk.txt", cutoff_len=256, overlap_len=32,
+                              newline_favor_len=128, add_eos_token=True, hard_cut_string="")
+    overlaps = [s.overlap for s in preview.samples[1:]]
+    assert len(overlaps) > 10
+    assert all(16 <= o <= 64 for o in overlaps), overlaps
+    for sample in preview.samples[1:-1]:
+        assert 2 * (sample.n_tokens - sample.overlap) >= sample.n_tokens
 
 
 def test_chunk_spans_never_repeats_a_chunk_inside_the_previous_one():

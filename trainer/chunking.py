@@ -17,6 +17,15 @@ from .home import resolve_user_path
 from .params import overlap_problem
 
 
+def overlap_band(overlap: int, budget: int) -> tuple[int, int]:
+    """The overlaps a chunk may have when its start moves to a line start: from half the requested overlap
+    up to twice it, but never past half the budget unless the request itself is more (so a chunk still adds
+    at least half its tokens as new text wherever the request allows it). FORMATS.md states the rule."""
+    if overlap <= 0:
+        return 0, 0
+    return overlap - overlap // 2, max(overlap, min(2 * overlap, budget // 2))
+
+
 def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, budget: int, overlap: int,
                 newline_favor_len: int) -> list[tuple[int, int]]:
     """Token spans [start, end) covering 0..n_tokens, each at most `budget` long.
@@ -24,46 +33,59 @@ def chunk_spans(line_starts: np.ndarray, char_pos: np.ndarray, n_tokens: int, bu
     `line_starts` is the sorted array of token indices that begin a line (0 and n_tokens included);
     `char_pos[b]` is the character offset of token boundary b. A cut moves back to a line start lying
     within `newline_favor_len` characters, and the next chunk starts `overlap` tokens before the cut,
-    moved to a nearby line start too. Every token is in at least one span: nothing is thrown away.
-    Both ends move forward from span to span, so each span brings tokens the previous one did not hold
-    (a span never lies inside the previous one), and with `overlap > 0` consecutive spans share tokens.
+    moved to a line start within `newline_favor_len` characters too; each move only where it keeps the
+    overlap inside `overlap_band` and lets the chunk add at least half its tokens as new text (in CJK text a
+    character is about a token, so a move of 128 characters would otherwise be a move of 128 tokens).
+    Every token is in at least one span: nothing is thrown away. Both ends move forward from span to span.
     """
     if n_tokens == 0:
         return []
-    spans = []
-    start = 0
-    previous_end = 0
+    spans, start, previous_end = [], 0, 0
+    band = overlap_band(overlap, budget)
     while True:
         end = min(start + budget, n_tokens)
         if end < n_tokens and newline_favor_len > 0:
-            # The latest line start in (start + overlap, end] close enough to the planned cut, and past
-            # the previous cut (a start moved back to a line start may lie more than `overlap` before it).
-            i = np.searchsorted(line_starts, end, side="right") - 1
-            if i >= 0:
-                candidate = int(line_starts[i])
-                if (candidate > max(start + overlap, previous_end)
-                        and char_pos[end] - char_pos[candidate] <= newline_favor_len):
-                    end = candidate
+            end = _cut_at_line_start(line_starts, char_pos, start, end, previous_end, overlap, newline_favor_len)
         spans.append((start, end))
         if end >= n_tokens:
             return spans
         next_start = end - overlap
         if overlap > 0 and newline_favor_len > 0:
-            # The line start nearest the planned start, strictly inside (start, end) so we progress
-            # and keep some overlap.
-            i = np.searchsorted(line_starts, next_start)
-            best = None
-            for j in (i - 1, i):
-                if 0 <= j < len(line_starts):
-                    candidate = int(line_starts[j])
-                    distance = abs(int(char_pos[candidate]) - int(char_pos[next_start]))
-                    if start < candidate < end and distance <= newline_favor_len:
-                        if best is None or distance < best[0]:
-                            best = (distance, candidate)
-            if best is not None:
-                next_start = best[1]
+            next_start = _start_at_line_start(line_starts, char_pos, start, end, next_start, band,
+                                              newline_favor_len)
         previous_end = end
         start = max(next_start, start + 1)
+
+
+def _cut_at_line_start(line_starts, char_pos, start: int, end: int, previous_end: int, overlap: int,
+                       favor: int) -> int:
+    """The planned cut `end`, moved back to the latest line start within `favor` characters that leaves room
+    for the next chunk's overlap and keeps at least half of this chunk new (past twice the previous cut's
+    overlap: c - previous_end >= previous_end - start)."""
+    i = np.searchsorted(line_starts, end, side="right") - 1
+    if i < 0:
+        return end
+    candidate = int(line_starts[i])
+    lowest = max(start + overlap, previous_end, 2 * previous_end - start)
+    if candidate > lowest and char_pos[end] - char_pos[candidate] <= favor:
+        return candidate
+    return end
+
+
+def _start_at_line_start(line_starts, char_pos, start: int, end: int, planned: int, band: tuple[int, int],
+                         favor: int) -> int:
+    """The planned start of the next chunk moved to the nearest line start within `favor` characters whose
+    overlap with this chunk (`end - line start`) stays in `band`, strictly inside (start, end)."""
+    i = np.searchsorted(line_starts, planned)
+    best = None
+    for j in (i - 1, i):
+        if 0 <= j < len(line_starts):
+            candidate = int(line_starts[j])
+            distance = abs(int(char_pos[candidate]) - int(char_pos[planned]))
+            if start < candidate < end and distance <= favor and band[0] <= end - candidate <= band[1]:
+                if best is None or distance < best[0]:
+                    best = (distance, candidate)
+    return planned if best is None else best[1]
 
 
 def _line_start_tokens(text: str, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

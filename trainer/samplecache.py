@@ -29,7 +29,7 @@ from .home import home_dir, resolve_user_path
 from .params import SAMPLE_OPTIONS
 from .storage import write_bytes_atomic
 
-CACHE_VERSION = 1  # raise when build_samples changes what it makes from the same inputs
+CACHE_VERSION = 2  # raise when build_samples changes what it makes from the same inputs
 MAX_ENTRIES = 20
 
 
