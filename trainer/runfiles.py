@@ -6,8 +6,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, TypedDict
 
-# process_start_time, process_alive, read_json and write_json_atomic are re-exported: the trainer, the pages
-# and the tests import them from here.
+# read_json and write_json_atomic are named here too: a run folder's readers and tests take them from here.
 from .processes import process_gone, stop_process_group
 from .storage import JsonlAppender, iter_jsonl, read_json, rewrite_jsonl, write_json_atomic  # noqa: F401
 
