@@ -83,6 +83,8 @@ def process_gone(status: dict, status_file: Path) -> bool:
     """
     if status.get("state") not in LIVE_STATES or status_process_alive(status):
         return False
+    if status.get("waiting"):
+        return False  # waiting in the run queue (trainer/runqueue.py): it has no process yet
     if status.get("state") == "queued":
         try:
             age = time.time() - Path(status_file).stat().st_mtime
