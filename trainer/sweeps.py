@@ -1,0 +1,121 @@
+"""Sweeps: a grid of parameter values becomes named runs, grouped as one experiment and queued.
+
+A sweep is a base set of parameters and, for some of them, a list of values; every combination is one run,
+named after the base name and its values (`NAME-lr1e-4-r8`). The experiment is recorded in
+`loras/.experiments/NAME.json` (FORMATS.md): its swept parameters with their values, and its runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DashboardError
+from .home import check_name, loras_dir
+from .params import FIELDS, TrainingParameters, label
+from .runfiles import now_iso
+from .storage import read_json, write_json_atomic
+
+EXPERIMENTS_DIR = ".experiments"
+# Short names for the parameters people sweep most, so run names stay readable.
+SHORT_NAMES = {"learning_rate": "lr", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "drop",
+               "epochs": "ep", "max_steps": "steps", "cutoff_len": "cut", "batch_size": "bs",
+               "micro_batch_size": "mbs", "warmup_steps": "wu", "weight_decay": "wd", "seed": "seed",
+               "target_modules": "t", "lr_scheduler_type": "sched", "optimizer": "opt"}
+SWEEPABLE_TYPES = (int, float, str)
+
+
+def value_text(value: Any) -> str:
+    """A value as it appears in a run name: 1e-4 for 0.0001, 8 for 8, q-v for "q-v"."""
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e5):
+            return np.format_float_scientific(value, trim="-", exp_digits=1)
+        return f"{value:g}"
+    return str(value)
+
+
+def parse_values(name: str, text: str) -> list[Any]:
+    """A comma-separated list of values for one parameter, each read as that parameter reads it."""
+    field = FIELDS.get(name)
+    if field is None:
+        raise DashboardError(f"There is no parameter named {name}.")
+    pieces = [piece.strip() for piece in str(text).split(",") if piece.strip()]
+    if not pieces:
+        raise DashboardError(f"{label(name)}: give at least one value.", field=name)
+    values = []
+    for piece in pieces:
+        params = TrainingParameters.from_dict({name: piece})
+        values.append(getattr(params, name))
+    if len(set(map(repr, values))) < len(values):
+        raise DashboardError(f"{label(name)}: a value is listed twice ({text}).", field=name)
+    return values
+
+
+def grid(base: TrainingParameters, swept: dict[str, list[Any]]) -> list[TrainingParameters]:
+    """Every combination of the swept values on top of `base`, each named `BASE-short1value1-short2value2`,
+    in the order of the lists (the first parameter varies slowest). Each run is validated."""
+    if not swept:
+        raise DashboardError("A sweep needs at least one parameter with a list of values.")
+    for name, values in swept.items():
+        if name not in FIELDS or name in ("lora_name", "base_model"):
+            raise DashboardError(f"{name} cannot be swept.")
+        if not values:
+            raise DashboardError(f"{label(name)}: give at least one value.", field=name)
+    check_name(base.lora_name, "LoRA name")
+    runs = []
+    for combination in itertools.product(*swept.values()):
+        changes = dict(zip(swept, combination))
+        suffix = "-".join(f"{SHORT_NAMES.get(k, k)}{value_text(v)}" for k, v in changes.items())
+        params = TrainingParameters.from_dict({**base.to_dict(), **changes, "lora_name": f"{base.lora_name}-{suffix}"})
+        params.validate()
+        runs.append(params)
+    return runs
+
+
+def experiments_dir() -> Path:
+    return loras_dir() / EXPERIMENTS_DIR
+
+
+def record_experiment(name: str, swept: dict[str, list[Any]], runs: list[str]) -> Path:
+    """Write loras/.experiments/NAME.json; an existing experiment of that name is refused."""
+    path = experiments_dir() / f"{check_name(name, 'experiment name')}.json"
+    if path.exists():
+        raise DashboardError(f"An experiment named {name} already exists; choose another name.", field="lora_name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"name": name, "created": now_iso(), "swept": swept, "runs": runs})
+    return path
+
+
+def read_experiment(name: str) -> dict:
+    data = read_json(experiments_dir() / f"{check_name(name, 'experiment name')}.json")
+    if data is None:
+        raise DashboardError(f"There is no experiment named {name}.")
+    return data
+
+
+def list_experiments() -> list[dict]:
+    """Every recorded experiment, newest first."""
+    folder = experiments_dir()
+    found = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return sorted((e for e in found if e and e.get("runs")), key=lambda e: e.get("created", ""), reverse=True)
+
+
+def read_sweep_file(path: Path) -> tuple[TrainingParameters, dict[str, list[Any]]]:
+    """A sweep file: `{"base": {parameters...}, "sweep": {"learning_rate": [1e-4, 2e-4], ...}}` (JSON).
+    Values may also be written as one comma-separated string ("1e-4, 2e-4")."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DashboardError(f"Cannot read the sweep file {path}: {exc.strerror or exc}.") from None
+    except ValueError as exc:
+        raise DashboardError(f"The sweep file {path} is not valid JSON: {exc}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("base"), dict) or not isinstance(data.get("sweep"), dict):
+        raise DashboardError(f"The sweep file {path} must hold an object with \"base\" (parameters) and \"sweep\" "
+                             f"(parameter: list of values).")
+    swept = {name: parse_values(name, ",".join(map(str, values)) if isinstance(values, list) else values)
+             for name, values in data["sweep"].items()}
+    return TrainingParameters.from_dict(data["base"]), swept
