@@ -398,3 +398,180 @@ def test_live_loss_chart_keeps_a_zero_spike_of_a_long_run(home):
     assert len(rows) <= 5000 and set(rows["series"]) == {"loss", "eval loss"}
     assert ((rows["x"] == ZERO_STEP) & (rows["value"] == 0.0)).any()
     assert spec["title"] == "Training loss"
+
+
+# ---- charts read at a glance ---------------------------------------------------------------------------
+
+
+def _layers(spec: dict) -> list[dict]:
+    return spec.get("layer", [spec])
+
+
+def _one_run(losses: list[float]) -> pd.DataFrame:
+    rows = [{"step": i, "total_steps": len(losses), "epoch": i / 10, "loss": loss, "learning_rate": 3e-4,
+             "tokens": 512 * i, "tokens_per_second": 1000.0, "elapsed_s": 2.0 * i}
+            for i, loss in enumerate(losses, start=1)]
+    return as_metrics_frame(pd.DataFrame(rows))
+
+
+def test_step_axes_have_integer_ticks(home):
+    from trainer.charts import histogram, loss_chart
+
+    frame = _one_run([3.0, 2.5, 2.2])
+    data = chart_data({"r": frame}, "step", 0.0)
+    checkpoints = pd.DataFrame({"step": [0, 2, 4], "label": ["base model", "c2", "c4"], "perplexity": [9.0, 8.0, 7.5],
+                                "dataset": "t", "stride": 64, "max_length": 128, "setting": "t 64/128"})
+    charts = {"metric": metric_chart(data["loss"], "loss", data["x_title"]), "live": loss_chart(frame),
+              "perplexity": perplexity_chart(checkpoints), "histogram": histogram(np.array([10, 50, 64]), 64)}
+    for name, chart in charts.items():
+        x = _layers(chart.to_dict())[0]["encoding"]["x"]
+        assert x["axis"]["format"] == ",d" and x["axis"]["tickMinStep"] == 1, name  # 1, 2, 3: never 1.1
+    y = _layers(charts["histogram"].to_dict())[0]["encoding"]["y"]
+    assert y["axis"]["format"] == ",d"  # sample counts too
+    epoch = chart_data({"r": frame}, "epoch", 0.0)
+    x = _layers(metric_chart(epoch["loss"], "loss", epoch["x_title"]).to_dict())[0]["encoding"]["x"]
+    assert "format" not in x.get("axis", {})  # epochs are fractions
+
+
+def test_a_one_point_chart_gets_a_readable_domain(home):
+    one = chart_data({"r": _one_run([2.5])}, "step", 0.6)
+    spec = metric_chart(one["loss"], "loss", one["x_title"]).to_dict()
+    encoding = _layers(spec)[0]["encoding"]
+    # Without a domain Vega spans [1, 1] and [2.5, 2.5] and prints ticks like 1.000000.
+    assert encoding["x"]["scale"]["domain"] == [0.0, 2.0]
+    assert encoding["y"]["scale"]["domain"] == pytest.approx([2.25, 2.75])
+    rate = _layers(metric_chart(one["learning_rate"], "learning_rate", one["x_title"]).to_dict())[0]["encoding"]
+    assert rate["y"]["scale"]["domain"] == pytest.approx([0.0, 3.75e-4])  # a learning rate keeps its zero
+    single = pd.DataFrame({"step": [6], "label": ["final adapter"], "perplexity": [12.0], "dataset": "t",
+                           "stride": 64, "max_length": 128, "setting": "t 64/128"})
+    encoding = _layers(perplexity_chart(single).to_dict())[0]["encoding"]
+    assert encoding["x"]["scale"]["domain"] == [5.0, 7.0]
+    assert encoding["y"]["scale"]["domain"] == pytest.approx([10.8, 13.2])
+    many = chart_data({"r": _one_run([3.0, 2.0])}, "step", 0.6)
+    encoding = _layers(metric_chart(many["loss"], "loss", many["x_title"]).to_dict())[0]["encoding"]
+    assert "domain" not in encoding["x"].get("scale", {}) and "domain" not in encoding["y"].get("scale", {})
+
+
+def test_length_bins_end_at_the_cutoff_and_count_every_sample():
+    from trainer.charts import length_bins
+
+    lengths = np.array([1, 3, 100, 127, 128, 128, 128, 300])
+    bins = length_bins(lengths, 128)
+    assert bins["count"].sum() == len(lengths)
+    assert 128 in set(bins["end"])  # the cutoff is an edge: every sample it allows is left of its line
+    for length in lengths:
+        holding = bins[(bins["start"] < length) & (length <= bins["end"])]
+        assert len(holding) == 1 and holding["count"].iloc[0] >= 1, length
+    assert bins.loc[bins["end"] == 128, "count"].item() == 4  # 127 and the three of 128: width 10, (118, 128]
+    assert (np.diff(bins["end"]) == 10).all() and bins["start"].iloc[0] == 0
+    assert length_bins(np.array([], dtype=np.int64), 256)["count"].sum() == 0
+
+
+@pytest.mark.parametrize("cutoff, lengths, align", [
+    (128, [20, 60, 127, 128, 128], "right"),  # the usual case: the cutoff at the right edge
+    (2048, [100, 300], "right"),
+    (64, [300, 400, 500], "left"),  # longer samples than the cutoff: the line in the left half
+])
+def test_the_cutoff_label_stays_inside_the_plot(cutoff, lengths, align):
+    from trainer.charts import HEADROOM, histogram
+
+    spec = histogram(np.array(lengths), cutoff).to_dict()
+    bars, rule, text = spec["layer"]
+    x_domain = bars["encoding"]["x"]["scale"]["domain"]
+    assert x_domain[0] <= cutoff < x_domain[1]
+    # The label grows away from the nearer edge (into the half with room), from the rule outwards...
+    mark = text["mark"]
+    assert mark["align"] == align and (mark["dx"] < 0) == (align == "right")
+    assert (cutoff > x_domain[1] / 2) == (align == "right")
+    # ...and sits at the top of the plot, in a band no bar reaches.
+    assert text["encoding"]["y"] == {"value": 0} and mark["baseline"] == "top"
+    highest = max(row["count"] for row in spec["datasets"][bars["data"]["name"]])
+    assert bars["encoding"]["y"]["scale"]["domain"][1] == pytest.approx(highest * HEADROOM)
+
+
+def _colour_settings(node, found=None) -> list[tuple[str, str]]:
+    """Every colour a spec sets itself: keys like labelColor or titleColor, and the colour of text marks."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("Color") or (key == "mark" and isinstance(value, dict) and value.get("type") == "text"):
+                found.append((key, json.dumps(value)))
+            _colour_settings(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _colour_settings(item, found)
+    return found
+
+
+def test_charts_leave_text_colours_to_the_theme():
+    """No hard-coded axis, legend or title colour: Streamlit's theme colours them, light and dark. The one text
+    mark (the cutoff label) has the accent colour, readable on both backgrounds."""
+    from trainer.charts import CUTOFF_COLOR, histogram, loss_chart
+
+    frame = _one_run([3.0, 2.5])
+    data = chart_data({"r": frame}, "step", 0.6)
+    checkpoints = pd.DataFrame({"step": [0, 2], "label": ["base model", "c2"], "perplexity": [9.0, 8.0],
+                                "dataset": "t", "stride": 64, "max_length": 128, "setting": "t 64/128"})
+    specs = [metric_chart(data[c], c, data["x_title"]).to_dict() for c in ("loss", "learning_rate")]
+    specs += [loss_chart(frame).to_dict(), perplexity_chart(checkpoints).to_dict()]
+    assert _colour_settings(specs) == []
+    found = _colour_settings(histogram(np.array([10, 20]), 64).to_dict())
+    assert len(found) == 1 and json.loads(found[0][1])["color"] == CUTOFF_COLOR
+
+
+# ---- the runs table: formats, diverged runs; results of one run --------------------------------------------
+
+
+def test_a_raw_text_run_has_no_format(home):
+    raw = make_run(home, "raw", params={"raw_text_file": "user-guide.txt", "format": "alpaca-format"})
+    formatted = make_run(home, "formatted", params={"raw_text_file": "", "dataset": "dashboard-instructions.json",
+                                                    "format": "alpaca-format"})
+    assert run_summary(raw)["format"] == "" and run_summary(raw)["data"] == "user-guide.txt"
+    assert run_summary(formatted)["format"] == "alpaca-format"
+    table = runs_table([raw, formatted]).set_index("run")
+    assert table.loc["raw", "format"] == "" and table.loc["formatted", "format"] == "alpaca-format"
+
+
+DIVERGED_ERROR = ("the loss rose from 4.39 to 19.2 in 3 steps: the learning rate 1.0 is far too high for LoRA; "
+                  "try 1e-4 to 3e-4")
+
+
+def make_diverged_run(home, name: str = "blown-up"):
+    """A run folder as the trainer leaves a run whose loss blew up: state failed, diverged true."""
+    return make_run(home, name, losses=[4.39, 14.06, 19.21, 17.65], state="failed", diverged=True,
+                    error=DIVERGED_ERROR, params={"learning_rate": 1.0})
+
+
+def test_a_diverged_run_is_marked(home):
+    from trainer.runtable import failure_note
+
+    diverged = make_diverged_run(home)
+    failed = make_run(home, "oom", losses=[2.0], state="failed", error="Out of memory. Lower the batch.")
+    completed = make_run(home, "fine", losses=[2.0, 1.8])
+    table = runs_table([diverged, failed, completed]).set_index("run")
+    assert table.loc["blown-up", "state"] == "failed (diverged)"
+    assert table.loc["oom", "state"] == "failed" and table.loc["fine", "state"] == "completed"
+    assert table.loc["blown-up", "error"] == DIVERGED_ERROR
+    assert failure_note(diverged) == f"blown-up diverged, and the trainer ended it as failed: {DIVERGED_ERROR}"
+    assert failure_note(failed) == "oom failed: Out of memory. Lower the batch."
+    assert failure_note(completed) == ""
+
+
+def test_results_of_one_run_are_its_own_and_its_base_models(home):
+    from trainer.results import run_results
+
+    text = home / "datasets" / "general-text.txt"
+    runs = {}
+    for name, base in (("a", "tiny-llama"), ("b", "tiny-llama"), ("c", "SmolLM2-135M-Instruct")):
+        runs[name] = make_run(home, name, losses=[2.0], params={"base_model": base})
+        (runs[name] / "adapter_model.safetensors").write_bytes(name.encode())
+    for model, adapter in (("tiny-llama", None), ("SmolLM2-135M-Instruct", None), ("tiny-llama", runs["a"]),
+                           ("tiny-llama", runs["b"]), ("SmolLM2-135M-Instruct", runs["c"])):
+        key = evaluation_key(model, adapter, text, 64, 128)
+        append_result({**key, "adapter": adapter.name if adapter else "", "dataset": "general-text.txt",
+                       "tokens": 10, "perplexity": 5.0})
+    shown = {(r["model"], r["adapter"]) for r in run_results(runs["a"])}
+    assert shown == {("tiny-llama", "a"), ("tiny-llama", "")}  # not b's, not another base model's
+    assert {(r["model"], r["adapter"]) for r in run_results(runs["c"])} == {("SmolLM2-135M-Instruct", "c"),
+                                                                            ("SmolLM2-135M-Instruct", "")}
+    assert len(read_results()) == 5

@@ -201,3 +201,86 @@ def test_export_refuses_an_existing_name(home, tiny_model_dir, tmp_path_factory)
     rerun(at)
     assert any("models/tiny-llama already exists" in e.value for e in at.error)
     assert not (results_dir() / "jobs").exists()
+
+
+# ---- issue 12: results of the selected run, diverged runs, only the latest outcome -------------------------
+
+
+def test_results_show_the_selected_run_unless_all_runs_are_asked_for(home):
+    text = home / "datasets" / "general-text.txt"
+    for adapter in (None, make_fake_adapter_run(home, "a"), make_fake_adapter_run(home, "b")):
+        key = evaluation_key("tiny-llama", adapter, text, 64, 128)
+        append_result({**key, "adapter": adapter_run_name(adapter), "dataset": "general-text.txt", "tokens": 10,
+                       "perplexity": 5.0})
+    at = open_page()
+    at.selectbox(key="ev_run").set_value("a")
+    rerun(at)
+    assert sorted(at.data_editor[0].value["adapter"]) == ["", "a"]  # a's own results and its base model's
+    at.toggle(key="ev_results_all").set_value(True)
+    rerun(at)
+    assert sorted(at.data_editor[0].value["adapter"]) == ["", "a", "b"]
+    at.toggle(key="ev_results_all").set_value(False)
+    at.selectbox(key="ev_run").set_value("b")
+    rerun(at)
+    assert sorted(at.data_editor[0].value["adapter"]) == ["", "b"]
+
+
+def test_a_diverged_run_is_marked_in_the_table_and_its_detail(home):
+    error = "the loss rose from 4.39 to 19.2 in 3 steps: the learning rate 1.0 is far too high for LoRA"
+    make_run(home, "blown-up", losses=[4.39, 14.06, 19.21], state="failed", diverged=True, error=error)
+    make_run(home, "fine", losses=[2.0, 1.8])
+    at = open_page()
+    table = at.dataframe(key="ev_table").value.set_index("run")
+    assert table.loc["blown-up", "state"] == "failed (diverged)" and table.loc["fine", "state"] == "completed"
+    at.selectbox(key="ev_run").set_value("blown-up")
+    rerun(at)
+    assert [e.value for e in at.error] == [f"blown-up diverged, and the trainer ended it as failed: {error}"]
+    at.selectbox(key="ev_run").set_value("fine")
+    rerun(at)
+    assert not at.error
+
+
+def finished_job(home, title: str, kind: str, **status) -> str:
+    """A job folder as a finished background job leaves it."""
+    job_id = f"20260102-100000-{kind}-abcdef"
+    folder = home / "results" / "jobs" / job_id
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({"id": job_id, "kind": kind, "title": title,
+                                                 "created": "2026-01-02T10:00:00+00:00"}))
+    (folder / "status.json").write_text(json.dumps({"state": "completed", "pid": None, "progress": 1.0,
+                                                    "results": [], "error": None, **status}))
+    return job_id
+
+
+def test_a_later_error_replaces_an_earlier_success(home):
+    run_dir = make_fake_adapter_run(home)
+    result = {"name": "fake-merged", "adapter": str(run_dir), "base_model": "tiny-llama",
+              "max_abs_diff_reloaded": 1e-6, "tolerance": 1e-3}
+    export = finished_job(home, "export fake-merged", "export", result=result)
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["ev_watch"] = [export]  # the page watched this export when it started it
+    rerun(at)
+    assert any("Saved models/fake-merged" in s.value for s in at.success)
+    at.text_input(key="ev_exp_name_fake_final").input("tiny-llama")
+    at.button(key="ev_exp_start").click()
+    rerun(at)
+    assert any("models/tiny-llama already exists" in e.value for e in at.error)
+    assert not at.success  # the earlier export's green line is gone: only the latest outcome shows
+    at.text_input(key="ev_exp_name_fake_final").input("tiny-llama-2")  # nothing clicked: the error goes too
+    rerun(at)
+    assert not any("already exists" in e.value for e in at.error)
+
+
+def test_a_later_perplexity_error_replaces_the_earlier_jobs_line(home):
+    make_fake_adapter_run(home)
+    job = finished_job(home, "perplexity of fake", "perplexity", results=["r1", "r2"])
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["ev_watch"] = [job]
+    rerun(at)
+    assert any("perplexity of fake: 2 evaluated" in c.value for c in at.caption)
+    at.radio(key="ev_ppl_source").set_value("A held-out text (paste it)")
+    rerun(at)
+    at.button(key="ev_ppl_start").click()  # nothing pasted
+    rerun(at)
+    assert [e.value for e in at.error] == ["The text is empty."]
+    assert not any("2 evaluated" in c.value for c in at.caption) and not at.info

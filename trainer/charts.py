@@ -172,20 +172,50 @@ def empty_chart_note(chart: str, x: str) -> str:
 # ---- Altair charts --------------------------------------------------------------------------------------
 
 
-def _value_axes(chart: str, x_title: str) -> dict:
-    """The x and y encodings of a metric chart, and its tooltip."""
+def step_axis() -> alt.Axis:
+    """An axis of whole numbers (steps, samples): ticks 1, 2, 3, never 1.0, 1.1, 1.2. (Formats without a
+    precision are avoided: Vega derives one from the tick step and prints 40,000 as 4e+4.)"""
+    return alt.Axis(format=",d", tickMinStep=1)
+
+
+def padded_domain(values, integer: bool = False, zero: bool = False, log: bool = False) -> list[float] | None:
+    """An explicit scale domain where the values span no range (one point, or all equal), so the axis shows a
+    few readable ticks around the value instead of one value printed as 1.000000; None otherwise."""
+    values = np.asarray(values, dtype="float64")
+    values = values[np.isfinite(values)]
+    if len(values) == 0 or values.min() != values.max():
+        return None
+    value = float(values[0])
+    if log and value > 0:
+        return [value / 2, value * 2]
+    if zero:
+        return [min(0.0, value * 1.25), max(0.0, value * 1.25)] if value else [0.0, 1.0]
+    pad = 1.0 if integer else (abs(value) * 0.1 or 1.0)
+    return [value - pad, value + pad]
+
+
+def _scale(domain: list[float] | None, **options) -> alt.Scale:
+    return alt.Scale(domain=domain, nice=False, **options) if domain else alt.Scale(**options)
+
+
+def _value_axes(chart: str, x_title: str, data: pd.DataFrame | None = None) -> dict:
+    """The x and y encodings of a metric chart, and its tooltip (`data`: the rows, for one-point charts)."""
     title = CHARTS[chart][0]
-    # Steps are whole numbers; a learning rate reads best as 3e-4. (Formats without a precision are avoided:
-    # Vega derives one from the tick step and prints 40,000 as 4e+4.)
-    x_axis = alt.Axis(format=",d", tickMinStep=1) if x_title == X_AXES["step"] else alt.Axis()
+    steps = x_title == X_AXES["step"]
+    x_axis = step_axis() if steps else alt.Axis()
     y_axis = alt.Axis(format=".1e") if chart == "learning_rate" else alt.Axis()
     # Perplexity is exp(loss): a log scale keeps a good and a bad run readable on one chart. A loss curve
     # fills the chart (a fall from 2.1 to 1.8 is the story; an axis from 0 flattens it); a learning rate
     # keeps its zero, where warm-up starts and decay ends.
-    y_scale = alt.Scale(type="log") if chart == "eval_perplexity" else alt.Scale(zero=chart == "learning_rate")
+    log, zero = chart == "eval_perplexity", chart == "learning_rate"
+    x_domain = y_domain = None
+    if data is not None and len(data):
+        x_domain = padded_domain(data["x"], integer=steps)
+        y_domain = padded_domain(data["value"], zero=zero, log=log)
+    y_scale = _scale(y_domain, type="log") if log else _scale(y_domain, zero=zero)
     tooltip = [alt.Tooltip("run:N", title="Run"), alt.Tooltip("series:N", title="Series"),
                alt.Tooltip("x:Q", title=x_title, format=",.4~f"), alt.Tooltip("value:Q", title=title, format=",.5~g")]
-    return dict(x=alt.X("x:Q", title=x_title, axis=x_axis),
+    return dict(x=alt.X("x:Q", title=x_title, axis=x_axis, scale=_scale(x_domain)),
                 y=alt.Y("value:Q", title=title, axis=y_axis, scale=y_scale), tooltip=tooltip)
 
 
@@ -205,7 +235,7 @@ def metric_chart(data: pd.DataFrame, chart: str, x_title: str, height: int = 280
     if data is None or data.empty:
         return None
     names = [s for s, _, _ in CHARTS[chart][1] if s in set(data["series"])]
-    encoding = _value_axes(chart, x_title)
+    encoding = _value_axes(chart, x_title, data)
     encoding["color"] = alt.Color("run:N", title="Run", legend=alt.Legend(labelLimit=140),
                                   scale=alt.Scale(scheme="tableau10", domain=runs or sorted(set(data["run"]))))
     if len(names) > 1:
@@ -227,7 +257,7 @@ def loss_chart(frame: pd.DataFrame, height: int = 260, max_points: int = MAX_POI
     if data.empty:
         return None
     names = [s for s in ("loss", "eval loss") if s in set(data["series"])]
-    encoding = _value_axes("loss", X_AXES["step"])
+    encoding = _value_axes("loss", X_AXES["step"], data)
     encoding["color"] = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom"),
                                   scale=alt.Scale(domain=names, range=["#1f77b4", "#2b8a3e"][: len(names)]))
     return _lines_with_sparse_points(data, encoding, height, "Training loss")
@@ -240,9 +270,68 @@ def perplexity_chart(results: pd.DataFrame, height: int = 260):
     if results is None or results.empty:
         return None
     tooltip = ["dataset:N", "label:N", alt.Tooltip("perplexity:Q", format=",.4f"), "stride:Q", "max_length:Q"]
+    x_scale = _scale(padded_domain(results["step"], integer=True))
+    y_scale = _scale(padded_domain(results["perplexity"]), zero=False)
     base = alt.Chart(results).encode(
-        x=alt.X("step:Q", title="Checkpoint step (0: base model)"),
-        y=alt.Y("perplexity:Q", title="Perplexity", scale=alt.Scale(zero=False)),
+        x=alt.X("step:Q", title="Checkpoint step (0: base model)", axis=step_axis(), scale=x_scale),
+        y=alt.Y("perplexity:Q", title="Perplexity", scale=y_scale),
         color=alt.Color("dataset:N", title="Text"), detail="setting:N", tooltip=tooltip)
     return (base.mark_line() + base.mark_point(filled=True, size=50)).properties(height=height,
                                                                                   title="Perplexity by checkpoint")
+
+
+# ---- the Data page's length histogram ------------------------------------------------------------------
+
+CUTOFF_COLOR = "#d9480f"  # the accent colour: readable on the light and the dark background
+HISTOGRAM_BINS = 40
+HEADROOM = 1.3  # the y axis goes 30% above the highest bar: the cutoff label sits in that free band
+
+
+def _nice_bin_width(top: int, bins: int = HISTOGRAM_BINS) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... tokens that cuts [0, top] into at most `bins` bins."""
+    scale = 1
+    while True:
+        for factor in (1, 2, 5):
+            if top / (factor * scale) <= bins:
+                return factor * scale
+        scale *= 10
+
+
+def length_bins(lengths: np.ndarray, cutoff: int) -> pd.DataFrame:
+    """Sample lengths counted in bins of a round width that end at the cutoff: (cutoff - w, cutoff],
+    (cutoff - 2w, cutoff - w], ... down to 0 (and above the cutoff, should a sample be longer), so every
+    sample the cutoff allows is left of its line. Columns start, end (bins hold start < length <= end), count;
+    every bin from 0 to the last one, empty ones with count 0."""
+    lengths = np.asarray(lengths, dtype="int64")
+    cutoff = max(int(cutoff), 1)
+    top = max(cutoff, int(lengths.max()) if len(lengths) else 0)
+    width = _nice_bin_width(top)
+    lowest, highest = -(-cutoff // width), -(-(top - cutoff) // width)  # bins below and above the cutoff
+    index = -(-(lengths - cutoff) // width) + lowest - 1  # ceil((length - cutoff) / width), from 0
+    counts = np.bincount(np.clip(index, 0, None), minlength=lowest + highest)
+    ends = cutoff + (np.arange(len(counts)) - lowest + 1) * width
+    return pd.DataFrame({"start": np.maximum(ends - width, 0), "end": ends, "count": counts})
+
+
+def histogram(lengths: np.ndarray, cutoff: int, height: int = 200) -> alt.LayerChart:
+    """Token lengths of the samples as bars, with the cutoff as a dashed rule labelled "cutoff N".
+
+    The label stays inside the plot: it sits in the band above the highest bar, on the side of the rule
+    with more room (left of it when the cutoff is in the right half)."""
+    bins = length_bins(lengths, cutoff)
+    x_max = float(max(bins["end"].iloc[-1], cutoff)) * 1.02  # the cutoff's line clear of the plot's edge
+    x_scale = alt.Scale(domain=[0, x_max], nice=False)
+    y_scale = alt.Scale(domain=[0, max(1, int(bins["count"].max())) * HEADROOM], nice=False)
+    bars = alt.Chart(bins[bins["count"] > 0]).mark_bar().encode(
+        x=alt.X("start:Q", bin="binned", scale=x_scale, title="tokens per sample", axis=step_axis()), x2="end:Q",
+        y=alt.Y("count:Q", scale=y_scale, title="samples", axis=step_axis()),
+        tooltip=[alt.Tooltip("start:Q", title="more than (tokens)"), alt.Tooltip("end:Q", title="up to (tokens)"),
+                 alt.Tooltip("count:Q", title="samples")])
+    marker = pd.DataFrame({"cutoff": [cutoff], "label": [f"cutoff {cutoff}"]})
+    rule = alt.Chart(marker).mark_rule(color=CUTOFF_COLOR, strokeDash=[5, 3], strokeWidth=2).encode(
+        x=alt.X("cutoff:Q", scale=x_scale))
+    right_half = cutoff > x_max / 2
+    text = alt.Chart(marker).mark_text(align="right" if right_half else "left", dx=-5 if right_half else 5,
+                                       dy=4, baseline="top", color=CUTOFF_COLOR, fontWeight="bold").encode(
+        x=alt.X("cutoff:Q", scale=x_scale), y=alt.value(0), text="label:N")
+    return alt.layer(bars, rule, text).properties(height=height)

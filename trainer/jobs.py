@@ -166,7 +166,7 @@ def job_sentence(job: dict) -> str:
         result = job["result"]
         return (f"Saved models/{result['name']} (merged {Path(result['adapter']).name} into {result['base_model']}); "
                 f"max |logit difference| after reloading: {result['max_abs_diff_reloaded']:.1e} (must be under "
-                f"{result['tolerance']:g}).")
+                f"{result['tolerance']:.1e}).")
     return f"{job['title']}: {len(job.get('results', []))} evaluated, {len(job.get('reused', []))} reused."
 
 

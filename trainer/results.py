@@ -160,6 +160,16 @@ def results_frame(records: list[dict] | None = None) -> pd.DataFrame:
     return frame
 
 
+def run_results(run_dir: Path, records: list[dict] | None = None) -> list[dict]:
+    """The results that concern one run: its adapters' (final and checkpoints) and its base model's alone,
+    the yardstick they are compared with."""
+    run_dir = Path(run_dir)
+    records = read_results() if records is None else records
+    base_model = run_base_model(run_dir)
+    return [record for record in records if record.get("adapter") == run_dir.name
+            or (not record.get("adapter") and record.get("model") == base_model)]
+
+
 def checkpoint_results(run_dir: Path, records: list[dict] | None = None) -> pd.DataFrame:
     """Results of one run's base model, checkpoints and final adapter, with the step each stands for."""
     run_dir = Path(run_dir)

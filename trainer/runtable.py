@@ -24,6 +24,8 @@ from .runfiles import METRICS_FILE, PARAMS_FILE, STATUS_FILE, effective_status
 from .runs import list_runs
 from .storage import read_json
 
+# status.json's flag for a run the trainer ended because its loss or gradient norm blew up (state failed).
+DIVERGED_FIELD = "diverged"
 # Parameters the webui stores as "None" when nothing was chosen.
 WEBUI_NONE_FIELDS = ("dataset", "eval_dataset", "format", "raw_text_file")
 INTEGER_COLUMNS = ("step", "total steps", "tokens", "rank", "alpha", "cutoff", "batch", "max steps")
@@ -59,10 +61,15 @@ def run_base_model(run_dir: Path, params: dict | None = None) -> str:
     return Path(str(name)).name if name else ""
 
 
+def format_of(params: dict) -> str:
+    """The format file of a run's parameters: only a formatted dataset has one ("" for raw text, whatever its
+    `format` field says: the form keeps a format chosen for a dataset the run did not use)."""
+    return str(params.get("format") or "") if params.get("dataset") else ""
+
+
 def run_format_name(run_dir: Path) -> str:
     """The format file a run was trained with ("" for raw text or chat data)."""
-    params = run_parameters(run_dir)
-    return str(params.get("format") or "") if params.get("dataset") else ""
+    return format_of(run_parameters(run_dir))
 
 
 def adapter_choices(run_dir: Path) -> dict[str, Path]:
@@ -147,7 +154,7 @@ def _parameter_columns(params: dict) -> dict:
         "epochs": _float_or_none(params.get("epochs")),
         "max steps": _int_or_none(params.get("max_steps")),
         "data": str(params.get("dataset") or params.get("raw_text_file") or ""),
-        "format": str(params.get("format") or ""),
+        "format": format_of(params),
     }
 
 
@@ -166,13 +173,30 @@ def run_summary(run_dir: Path) -> dict:
         "run": run_dir.name,
         "source": "webui" if status is None and is_webui_run(run_dir) else "dashboard",
         "base model": run_base_model(run_dir, params),
-        "state": state,
+        "state": f"{state} (diverged)" if is_diverged(status) else state,
         **_metric_columns(status, frame),
         "duration (min)": round(duration / 60, 2) if duration is not None else None,
         "started": _started(run_dir, status),
         **_parameter_columns(params),
         "error": (status or {}).get("error") or "",
     }
+
+
+def is_diverged(status: dict | None) -> bool:
+    """Whether the trainer ended this run because its loss or gradient norm blew up."""
+    return bool((status or {}).get(DIVERGED_FIELD))
+
+
+def failure_note(run_dir: Path) -> str:
+    """A sentence for a failed run's detail ("" for any other run): diverged or failed, and why."""
+    run_dir = Path(run_dir)
+    status = effective_status(run_dir)
+    if not status or status.get("state") != "failed":
+        return ""
+    error = str(status.get("error") or "no reason was recorded.")
+    if is_diverged(status):
+        return f"{run_dir.name} diverged, and the trainer ended it as failed: {error}"
+    return f"{run_dir.name} failed: {error}"
 
 
 def runs_table(run_dirs: Iterable[Path] | None = None) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from trainer import jobs
 from trainer.adapters import BaseWithAdapters
 from trainer.charts import CHARTS, X_AXES, chart_data, empty_chart_note, metric_chart, perplexity_chart
 from trainer.errors import DashboardError
-from trainer.export import default_export_name
+from trainer.export import RELATIVE_TOLERANCE, default_export_name
 from trainer.generate import (
     TEMPLATE_FORMAT, base_and_adapter_answers, full_prompt, template_choices, visible_answer,
 )
@@ -26,15 +26,18 @@ from trainer.models import list_models
 from trainer.perplexity import DEFAULT_SETTINGS, LONGEST_WINDOW, EvaluationSettings
 from trainer.results import (
     TEXT_FROM_FILE, TEXT_PASTED, checkpoint_results, chosen_adapters, forgetting_result, read_results,
-    results_frame, save_comments, start_sentence, text_file_names, text_sources, text_to_evaluate,
+    results_frame, run_results, save_comments, start_sentence, text_file_names, text_sources, text_to_evaluate,
 )
 from trainer.processes import LIVE_STATES
 from trainer.runs import list_runs
-from trainer.runtable import adapter_choices, parameter_differences, run_base_model, run_format_name, runs_table
+from trainer.runtable import (
+    adapter_choices, failure_note, parameter_differences, run_base_model, run_format_name, runs_table,
+)
 
 STATE_ICONS = {"running": "🟢", "queued": "⏳", "completed": "✅", "stopped": "⏹️", "failed": "❌"}
 TABLE_COLUMNS = {
-    "state": st.column_config.TextColumn("state", help="A running run whose process died shows as failed."),
+    "state": st.column_config.TextColumn("state", help="A running run whose process died shows as failed; a run "
+                                                   "the trainer ended because its loss blew up, as failed (diverged)."),
     "final loss": st.column_config.NumberColumn(format="%.4f"),
     "best loss": st.column_config.NumberColumn(format="%.4f"),
     "best eval loss": st.column_config.NumberColumn(format="%.4f"),
@@ -80,6 +83,7 @@ def curves_section(run_paths: dict[str, Path]) -> list[str]:
         st.caption("Choose runs above (or tick rows in the table) to draw their curves.")
         return selected
     data = chart_data({n: metrics_frame(run_paths[n]) for n in selected}, x_axis, smoothing)
+    st.space("medium")  # a chart's toolbar shows above its top right corner on hover: keep it off the controls
     columns = st.columns(2)
     for position, chart_name in enumerate(CHARTS):
         chart = metric_chart(data[chart_name], chart_name, data["x_title"], runs=data["runs"])
@@ -113,6 +117,9 @@ def focus_section(run_paths: dict[str, Path], selected: list[str]) -> tuple[str,
     if base_model not in list_models():
         st.warning(f"The base model of {focus} ({base_model or 'unknown'}) is not under models/; copy it there to "
                    f"evaluate, try or export this adapter.")
+    note = failure_note(run_dir)
+    if note:
+        st.error(note)
     st.caption(f"Base model: **{base_model or 'unknown'}** · adapters: {', '.join(adapters) or 'none saved yet'}")
     return focus, run_dir, base_model, adapters
 
@@ -122,6 +129,34 @@ def focus_section(run_paths: dict[str, Path], selected: list[str]) -> tuple[str,
 
 def watch(job_id: str) -> None:
     st.session_state.setdefault("ev_watch", []).append(job_id)
+
+
+def forget_finished(prefix: str) -> None:
+    """Stop showing the finished jobs whose title starts with `prefix`: a new action's outcome replaces them,
+    so a green line of an earlier start never sits under a later error."""
+    watched = st.session_state.setdefault("ev_watch", [])
+    for job_id in list(watched):
+        job = jobs.job_state(jobs.job_dir_for(job_id))
+        if job.get("title", "").startswith(prefix) and job["state"] not in LIVE_STATES:
+            watched.remove(job_id)
+
+
+def start_action(flash: str, prefix: str, start: Callable[[], str]) -> None:
+    """Run a start button's action: `start` returns the sentence to show, or raises a DashboardError. Only
+    this latest outcome is shown (under the button, until the next rerun of the page)."""
+    forget_finished(prefix)
+    try:
+        st.session_state[flash] = ("info", start())
+    except DashboardError as exc:
+        st.session_state[flash] = ("error", exc.message)
+
+
+def show_outcome(flash: str) -> None:
+    kind, message = st.session_state.pop(flash, (None, None))
+    if kind == "error":
+        st.error(message, icon="⚠️")
+    elif kind:
+        st.info(message)
 
 
 def show_job(job_id: str, job: dict) -> None:
@@ -169,17 +204,15 @@ def job_panel(prefix: str) -> None:
 def evaluation_controls(button: str, key: str, plan: Callable[[], list[dict]], title: str, prefix: str) -> None:
     """A button that starts the evaluations `plan` returns in the background (reusing identical stored
     ones), the sentence saying what happened, and the panel of those jobs."""
-    flash = f"{key}_flash"
+    def start() -> str:
+        started = jobs.start_perplexity(plan(), title)
+        if started["job"]:
+            watch(started["job"])
+        return start_sentence(started)
+
     if st.button(button, key=key, type="primary"):
-        try:
-            started = jobs.start_perplexity(plan(), title)
-            if started["job"]:
-                watch(started["job"])
-            st.session_state[flash] = start_sentence(started)
-        except DashboardError as exc:
-            show_error(exc)
-    if st.session_state.get(flash):
-        st.info(st.session_state.pop(flash))
+        start_action(f"{key}_flash", prefix, start)
+    show_outcome(f"{key}_flash")
     job_panel(prefix)
 
 
@@ -210,7 +243,7 @@ def perplexity_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[st
                 "same text, stride and max length.")
     cols = st.columns(3)
     use_base = cols[0].checkbox("Base model alone", value=True, key="ev_ppl_base")
-    use_final = cols[1].checkbox("Final adapter", value="final" in adapters, key="ev_ppl_final",
+    use_final = cols[1].checkbox("Final adapter", value="final" in adapters, key=f"ev_ppl_final_{focus}",
                                  disabled="final" not in adapters)
     checkpoints = cols[2].multiselect("Checkpoints", [name for name in adapters if name != "final"],
                                       key=f"ev_ppl_ckpts_{focus}", placeholder="none (each one is another evaluation)",
@@ -239,13 +272,19 @@ def perplexity_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[st
 
 
 def results_section(focus: str, run_dir: Path) -> None:
-    """Every stored result, with an editable comment column, and the focused run's perplexity by checkpoint."""
+    """The focused run's stored results (or every run's), with an editable comment column, and its perplexity
+    by checkpoint."""
     records = read_results()
-    st.markdown("**Results** (edit the comment column; it is saved at once)")
-    if not records:
-        st.caption("No results yet.")
+    cols = st.columns([3, 1])
+    cols[0].markdown("**Results** (edit the comment column; it is saved at once)")
+    show_all = cols[1].toggle("All runs", key="ev_results_all",
+                              help=f"Off: {focus}'s results and its base model's alone. On: every stored result.")
+    shown = records if show_all else run_results(run_dir, records)
+    if not shown:
+        st.caption("No results yet." if not records else
+                   f"No results for {focus} yet ({len(records)} of other runs: switch on *All runs*).")
         return
-    results = results_frame(records)
+    results = results_frame(shown)
     version = st.session_state.setdefault("ev_results_version", 0)
     edited = st.data_editor(
         results, key=f"ev_results_{version}", hide_index=True, width="stretch",
@@ -260,6 +299,7 @@ def results_section(focus: str, run_dir: Path) -> None:
         st.rerun()
     chart = perplexity_chart(checkpoint_results(run_dir, records))
     if chart is not None:
+        st.space("small")  # the chart's toolbar (on hover) stays off the table above
         st.altair_chart(chart, width="stretch")
     else:
         st.caption(f"Evaluate {focus}'s checkpoints to see perplexity by checkpoint.")
@@ -341,6 +381,7 @@ def try_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[str, Path
                                                    given, int(max_new), float(temperature), int(seed))
             st.session_state["ev_try_output"] = {"prompt": given, "label": f"{focus} ({try_label})", **answers}
         except DashboardError as exc:
+            st.session_state.pop("ev_try_output", None)  # the latest outcome only: no old answers under the error
             show_error(exc)
     show_answers(base_model, st.session_state.get("ev_try_output"))
 
@@ -364,7 +405,8 @@ def show_answers(base_model: str, output: dict | None) -> None:
 def export_tab(focus: str, adapters: dict[str, Path], base_model: str) -> None:
     st.markdown("Merge an adapter into its base model and save a normal model folder under `models/` that "
                 "transformers (and text-generation-webui) load without PEFT. The merged model's logits are "
-                "checked against base+adapter before the folder is put in place; nothing is overwritten.")
+                f"checked against base+adapter (the largest difference under {RELATIVE_TOLERANCE:.1%} of their "
+                "spread) before the folder is put in place; nothing is overwritten.")
     if not adapters:
         st.caption(f"{focus} has no saved adapter yet.")
         return
@@ -373,11 +415,13 @@ def export_tab(focus: str, adapters: dict[str, Path], base_model: str) -> None:
     export_dir = adapters[export_label]
     export_name = cols[1].text_input("Name under models/", value=default_export_name(export_dir),
                                      key=f"ev_exp_name_{focus}_{export_label}")
+    def start() -> str:
+        watch(jobs.start_export(export_dir, export_name, base_model))
+        return f"Merging {export_label} into {base_model} in the background; the check runs before anything is saved."
+
     if st.button("Merge and save", key="ev_exp_start", type="primary"):
-        try:
-            watch(jobs.start_export(export_dir, export_name, base_model))
-        except DashboardError as exc:
-            show_error(exc)
+        start_action("ev_exp_flash", "export", start)
+    show_outcome("ev_exp_flash")
     job_panel("export")
 
 
