@@ -378,7 +378,7 @@ def test_folder_is_read_in_natural_order_each_file_its_own_block(home, tokenizer
     (folder / "part10.txt").write_text("ten ten ten", encoding="utf-8")
     (folder / "part2.txt").write_text("two two two", encoding="utf-8")
     (folder / "part1.txt").write_text("one one one", encoding="utf-8")
-    (folder / "notes.md").write_text("not text for training", encoding="utf-8")
+    (folder / "notes.rst").write_text("not text for training", encoding="utf-8")
     params = TrainingParameters(raw_text_file="parts", cutoff_len=32, overlap_len=4, hard_cut_string="")
     preview = build_raw_samples(params, tokenizer)
     assert [s.text for s in preview.samples] == ["one one one", "two two two", "ten ten ten"]

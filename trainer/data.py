@@ -2,9 +2,17 @@
 
 `build_samples(params, tokenizer)` is the one function both `python -m trainer preview` and the trainer
 call (through the sample cache, trainer/samplecache.py), so the preview is what gets trained. Raw text is
-cut into overlapping token chunks (trainer/chunking.py); JSON/JSONL rows are rendered through a format file
-(trainer/datafiles.py) or the tokenizer's chat template for `messages` rows, and masked so that only the
-answer part counts in the loss when `train_only_after` is set.
+cut into overlapping token chunks (trainer/chunking.py). Rows (JSON, JSONL, tables) are recognised by shape
+(trainer/shapes.py): records are rendered through a format file (trainer/datafiles.py) and masked so that
+only the answer part counts in the loss when `train_only_after` is set; chat rows (`messages`, ShareGPT
+`conversations`) are rendered with a chat template (trainer/chattemplates.py) and only assistant turns are
+trained; prompt/completion rows train the completion; text rows are chunked as raw text
+(trainer/textrows.py). The preview carries the sentence saying what was recognised.
+
+End tokens: the EOS token (with *Add EOS token*) closes a sample whose trained text does not already end
+with an end token; a template that closes its turns with the EOS token (ChatML's `<|im_end|>`) or another
+end token gets none added, so no sample ends in two end tokens. A BOS token already at the start of the
+rendered text is not added again.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from .datafiles import FormatFile, dataset_kind, find_marker_end, load_format, load_rows, render_parts, row_fields
+from .datafiles import dataset_kind, find_marker_end, load_format, load_rows, render_parts
 from .errors import DashboardError
-from .home import resolve_user_path
+from .home import TABLE_ENDINGS, resolve_user_path
+from .shapes import RowShape, Tally, Unmatched, describe, recognise
 
 IGNORE_INDEX = -100  # the label of a token that is not trained (PyTorch's cross-entropy ignores it)
 
@@ -62,14 +71,16 @@ class Problem:
 
 @dataclass
 class Preview:
-    kind: str  # "raw" or "formatted"
+    kind: str  # "raw" (raw text, text rows) or "formatted"
     samples: list[Sample]
     problems: list[Problem]
     stats: dict[str, Any]
+    shape: str = ""  # what was recognised and how it is read, as one sentence (trainer/shapes.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "shape": self.shape,
             "stats": self.stats,
             "problems": [asdict(p) for p in self.problems],
             "samples": [s.to_json() for s in self.samples],
@@ -122,121 +133,199 @@ def collector_paused():
 # Formatted data
 
 
-def _chat_text_and_spans(tokenizer, messages: list) -> tuple[str, list[tuple[int, int]]]:
-    """A chat rendered with the tokenizer's template, and the character spans of assistant replies."""
-    for message in messages:
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise ValueError("each message needs a string 'role' and 'content'")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the model's tokenizer has no chat template")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if i:
-            before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        else:
-            # A chat that opens with the assistant: the template may still put a system prompt and the
-            # assistant header first, which are not the reply. The reply starts at its content.
-            at = upto.rfind(message["content"]) if message["content"] else -1
-            before = upto[:at] if at >= 0 else None
-        if before is not None and full.startswith(upto) and upto.startswith(before):
-            spans.append((len(before), len(upto)))
-    if not spans:
-        raise ValueError("no assistant message to learn from")
-    return full, spans
+@dataclass
+class _Rendered:
+    index: int
+    text: str
+    spans: list[tuple[int, int]]  # trained character spans
+    rule: str = "start"  # "start": a token starting in a span is trained; "overlap": one touching a span
 
 
-def _room(params, bos: list[int], eos: list[int]) -> int:
-    """Tokens of text a sample may hold: the cutoff minus its BOS and EOS."""
-    return params.cutoff_len - len(bos) - len(eos)
+def _render_row(shape: RowShape, row: dict, index: int, options: "_Options",
+                tokenizer) -> tuple[str, _Rendered] | Problem:
+    """A recognised row as (matched key, rendered text with its trained spans), or the Problem keeping it out."""
+    from .chattemplates import render_chat, trained_turns
 
-
-def _row_text(row: dict, index: int, fmt: FormatFile | None, tokenizer, after: str):
-    """A row as (matched key, text, trained character spans), or the Problem that keeps it out."""
-    if "messages" in row and isinstance(row["messages"], list):
+    if shape.messages is not None:
+        turns = trained_turns(shape.messages, shape.first_trained, options.last_only)
+        template = options.template(tokenizer)  # a broken template file raises for the whole dataset
         try:
-            text, spans = _chat_text_and_spans(tokenizer, row["messages"])
+            text, spans, rule = render_chat(tokenizer, template, shape.messages, turns)
         except ValueError as exc:
-            return Problem(f"row {index}", f"chat row not used: {exc}", index, sorted(row))
-        return "messages (chat template)", text, spans
-    match = fmt.match(row) if fmt else None
-    if match is None:
-        fields = sorted(row_fields(row))
-        reason = ("no format file chosen" if fmt is None
-                  else f"no key of the format file matches its fields {{{', '.join(fields)}}}")
-        return Problem(f"row {index}", f"unmatched: {reason}", index, fields)
-    key, template = match
-    text, literal = render_parts(template, row)
-    if not after:
-        return key, text, [(0, len(text))]
-    at = find_marker_end(text, after, literal)
+            return Problem(f"row {index}", f"chat row not used: {exc}", index, [])
+        key = {"messages": "messages (chat template)", "sharegpt": "conversations (chat template)"}
+        return key.get(shape.shape, "prompt/completion (chat template)"), _Rendered(index, text, spans, rule)
+    if shape.shape == "prompt-completion":
+        return "prompt/completion", _Rendered(index, shape.text, [(shape.prompt_len, len(shape.text))])
+    text, literal = render_parts(shape.template, row)
+    if not options.after:
+        return shape.key, _Rendered(index, text, [(0, len(text))])
+    at = find_marker_end(text, options.after, literal)
     if at is None:
-        return Problem(f"row {index}", f"dropped: does not contain the train-only-after string {after!r}", index,
-                       sorted(row_fields(row)))
-    return key, text, [(at, len(text))]
+        return Problem(f"row {index}", f"dropped: does not contain the train-only-after string {options.after!r}",
+                       index, sorted(k for k, v in row.items() if isinstance(v, str) and v.strip()))
+    return shape.key, _Rendered(index, text, [(at, len(text))])
 
 
-def _formatted_sample(text: str, spans, index: int, ids: list[int], offsets, params, bos: list[int],
-                      eos: list[int]) -> Sample | Problem:
-    """One rendered row as a sample: masked outside its trained spans, truncated or dropped over the cutoff."""
+def _mask(offsets, spans, rule: str) -> list[int]:
+    if rule == "overlap":  # as transformers' assistant mask: a token touching a span is trained
+        return [1 if any(start < b and end > a for a, b in spans) else 0 for start, end in offsets]
+    return [1 if any(a <= start < b for a, b in spans) else 0 for start, _ in offsets]
+
+
+def _end_of(row: _Rendered, ids: list[int], offsets, mask: list[int], closing: set[int]) -> str:
+    """How the sample ends: "closed" (its trained text already ends with an end token: no EOS is added),
+    "open" (the EOS token is added) or "continues" (the text goes on after its last trained span, as a chat
+    ending with a user turn: an EOS there would be trained mid-chat, so none is added)."""
+    if row.spans[-1][1] < len(row.text.rstrip()):
+        return "continues"
+    for i in range(len(ids) - 1, -1, -1):
+        start, end = offsets[i]
+        if mask[i] and (ids[i] in closing or row.text[start:end].strip()):
+            return "closed" if ids[i] in closing else "open"
+    return "open"
+
+
+def _formatted_sample(row: _Rendered, ids: list[int], offsets, params, bos: list[int], eos: list[int],
+                      closing: set[int]) -> tuple[Sample | Problem, str]:
+    """One rendered row as a sample: masked outside its trained spans, truncated or dropped over the cutoff;
+    and how it ends: "closed" by its own end token, "open" (EOS added), "continues", or "overlong"."""
+    index, text = row.index, row.text
     source = f"row {index}"
-    budget = _room(params, bos, eos)
-    mask = [1 if any(a <= start < b for a, b in spans) else 0 for start, _ in offsets]
-    is_truncated = len(ids) > budget
-    ending = eos
-    if is_truncated:
+    mask = _mask(offsets, row.spans, row.rule)
+    if bos and ids[:1] == bos:
+        bos = []  # the rendered text already starts with the BOS token
+    end = _end_of(row, ids, offsets, mask, closing) if eos and ids else "open"
+    ending = eos if end == "open" else []
+    if len(ids) > params.cutoff_len - len(bos) - len(ending):
         if params.overlong_samples == "drop":
-            return Problem(source, f"dropped: {len(ids) + len(bos) + len(eos)} tokens, over the cutoff "
-                                   f"length {params.cutoff_len}", index)
+            return Problem(source, f"dropped: {len(ids) + len(bos) + len(ending)} tokens, over the cutoff "
+                                   f"length {params.cutoff_len}", index), "overlong"
         # Truncated text has no end, so it gets no EOS: the model must not learn to stop mid-sentence.
-        ids, mask, offsets = ids[: budget + len(eos)], mask[: budget + len(eos)], offsets[: budget + len(eos)]
-        ending = []
+        keep = params.cutoff_len - len(bos)
+        ids, mask, end_char = ids[:keep], mask[:keep], offsets[keep - 1][1] if keep else 0
+        if not any(mask):
+            return Problem(source, "dropped: no trained tokens left after truncation", index), "overlong"
+        return Sample(text=text[:end_char], input_ids=bos + list(ids), label_mask=[0] * len(bos) + mask,
+                      source=source, truncated=True), "overlong"
     if not any(mask) and not ending:
-        return Problem(source, "dropped: no trained tokens left after truncation", index)
-    end_char = offsets[-1][1] if offsets else 0
-    return Sample(text=text[:end_char] if is_truncated else text, input_ids=bos + list(ids) + ending,
-                  label_mask=[0] * len(bos) + mask + [1] * len(ending), source=source, truncated=is_truncated)
+        return Problem(source, "dropped: no trained tokens", index), end
+    return Sample(text=text, input_ids=bos + list(ids) + ending, label_mask=[0] * len(bos) + mask + [1] * len(ending),
+                  source=source), end
+
+
+@dataclass
+class _Options:
+    """The choices rows are rendered with; the chat template is read only when a chat row needs it."""
+
+    params: Any
+    after: str = ""
+    last_only: bool = False
+    _template: Any = None
+
+    def template(self, tokenizer):
+        if self._template is None:
+            from .chattemplates import chat_template_for
+
+            self._template = chat_template_for(tokenizer, getattr(self.params, "chat_template", "") or "")
+        return self._template
+
+
+def _recognise_rows(rows: list, fmt, options: _Options, tokenizer):
+    """Every row recognised and rendered: (tally, problems, rendered rows, text rows, matched keys)."""
+    tally, problems, rendered, text_rows, matched = Tally(), [], [], [], {}
+    for index, row in enumerate(rows):
+        shape = recognise(row, fmt)
+        tally.add(shape)
+        if isinstance(shape, Unmatched):
+            problems.append(Problem(f"row {index}", shape.reason, index, shape.fields))
+            continue
+        if shape.shape == "text":
+            text_rows.append((index, shape.text))
+            matched["text rows"] = matched.get("text rows", 0) + 1
+            continue
+        result = _render_row(shape, row, index, options, tokenizer)
+        if isinstance(result, Problem):
+            if result.reason.startswith("chat row"):
+                result.fields = sorted(row)
+                tally.chat_broken += 1
+            problems.append(result)
+            continue
+        matched[result[0]] = matched.get(result[0], 0) + 1
+        rendered.append(result[1])
+    return tally, problems, rendered, text_rows, matched
 
 
 def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Preview:
+    from .chattemplates import closing_ids
+
     dataset_path = resolve_user_path(dataset or params.dataset, "dataset")
     if not dataset_path.exists():
         raise DashboardError(f"Dataset not found: {dataset_path}", field="dataset")
     rows = load_rows(dataset_path)
     fmt = load_format(resolve_user_path(params.format, "format")) if params.format else None
-
-    problems: list[Problem] = []
-    rendered: list[tuple[int, str, list]] = []  # (row index, text, trained spans)
-    matched_keys: dict[str, int] = {}
-    for index, row in enumerate(rows):
-        result = _row_text(row, index, fmt, tokenizer, params.train_only_after)
-        if isinstance(result, Problem):
-            problems.append(result)
-            continue
-        key, text, spans = result
-        matched_keys[key] = matched_keys.get(key, 0) + 1
-        rendered.append((index, text, spans))
+    options = _Options(params, params.train_only_after, bool(getattr(params, "train_last_turn_only", False)))
+    tally, problems, rendered, text_rows, matched_keys = _recognise_rows(rows, fmt, options, tokenizer)
 
     bos, eos = special_tokens(params, tokenizer)
+    closing = closing_ids(tokenizer)
     samples: list[Sample] = []
-    overlong = 0  # truncated, or dropped with overlong_samples "drop"
-    all_ids, all_offsets = encode_with_offsets(tokenizer, [text for _, text, _ in rendered])
-    for (index, text, spans), ids, offsets in zip(rendered, all_ids, all_offsets):
-        overlong += len(ids) > _room(params, bos, eos)
-        result = _formatted_sample(text, spans, index, ids, offsets, params, bos, eos)
+    ends: dict[str, int] = {}  # how samples end (see _formatted_sample); "overlong": truncated or dropped
+    all_ids, all_offsets = encode_with_offsets(tokenizer, [row.text for row in rendered])
+    for row, ids, offsets in zip(rendered, all_ids, all_offsets):
+        result, end = _formatted_sample(row, ids, offsets, params, bos, eos, closing)
+        ends[end] = ends.get(end, 0) + 1
         (problems if isinstance(result, Problem) else samples).append(result)
+    overlong, closed = ends.get("overlong", 0), ends.get("closed", 0)
+    text_stats = {}
+    if text_rows:
+        from .textrows import text_row_samples
+
+        chunks, dropped, text_stats = text_row_samples(text_rows, params, tokenizer)
+        samples, problems = samples + chunks, problems + dropped
     # No sample at all is not an error here: the preview lists every problem row; a run refuses to start.
+    if text_rows and rendered:
+        samples.sort(key=lambda s: _row_number(s.source))  # in row order, text-row chunks among the others
     stats = sample_stats(samples, params.cutoff_len)
+    stats.update(text_stats)
     stats.update(rows=len(rows), unmatched_rows=sum(p.reason.startswith("unmatched") for p in problems),
                  chat_rows_skipped=sum(p.reason.startswith("chat row") for p in problems),
                  truncated_samples=0 if params.overlong_samples == "drop" else overlong,
                  dropped_overlong=overlong if params.overlong_samples == "drop" else 0,
-                 matched_keys=matched_keys)
-    return Preview("formatted", samples, sorted(problems, key=lambda p: p.index), stats)
+                 matched_keys=matched_keys, eos_from_template=closed)
+    unused = any(p.reason.startswith(("unmatched", "chat row")) for p in problems)
+    kind = "raw" if text_rows and not rendered and not unused else "formatted"  # text rows: shown as raw text
+    context = _context(params, options, dataset_path, rows, ends, tokenizer, eos)
+    return Preview(kind, samples, sorted(problems, key=lambda p: p.index), stats, describe(tally, context))
+
+
+def _row_number(source: str) -> int:
+    return int(source.split()[1]) if source.startswith("row ") else 0
+
+
+def _context(params, options: _Options, path, rows: list, ends: dict[str, int], tokenizer,
+             eos: list[int]) -> dict[str, Any]:
+    """What the recognised-shape sentence says beyond the rows: source, template, end tokens, options."""
+    context = {"last_only": options.last_only, "format": params.format or None,
+               "train_only_after": params.train_only_after, "cutoff_len": params.cutoff_len,
+               "overlap_len": params.overlap_len, "min_chars": params.min_chars}
+    if options._template is not None:
+        context["template"] = options._template.label
+    if path.suffix.lower() in TABLE_ENDINGS:
+        columns = list(dict.fromkeys(k for row in rows[:50] for k in row))
+        kind = {".csv": "CSV", ".tsv": "TSV"}.get(path.suffix.lower(), "Parquet")
+        context["source"] = f"{kind} table with columns {', '.join(map(str, columns))}"
+    closed, added = ends.get("closed", 0), ends.get("open", 0)
+    if eos and (closed or added):
+        token = tokenizer.convert_ids_to_tokens(eos[0])
+        if closed and not added:
+            context["eos"] = f"Each sample already ends with an end token of its own, so no EOS ({token}) is added."
+        elif closed:
+            context["eos"] = (f"{closed:,} samples already end with an end token of their own (no EOS added); "
+                              f"{added:,} {'gets' if added == 1 else 'get'} the EOS token {token}.")
+        else:
+            context["eos"] = f"The EOS token {token} is added at the end of each sample."
+    return context
 
 
 def sample_stats(samples: list[Sample], cutoff_len: int) -> dict[str, Any]:
@@ -263,14 +352,24 @@ def build_samples(params, tokenizer, dataset: str | None = None) -> Preview:
 
     with collector_paused():
         if dataset is None and params.is_raw_text:
-            return build_raw_samples(params, tokenizer)
+            return _said(build_raw_samples(params, tokenizer), params)
         if not (dataset or params.dataset):
             raise DashboardError("Choose a dataset or a raw text file.", field="dataset")
         path = resolve_user_path(dataset or params.dataset, "dataset")
         if dataset_kind(path) == "raw":
             raw = type(params).from_dict({**params.to_dict(), "raw_text_file": str(path), "dataset": ""})
-            return build_raw_samples(raw, tokenizer)
+            return _said(build_raw_samples(raw, tokenizer), raw)
         return build_formatted_samples(params, tokenizer, dataset)
+
+
+def _said(preview: Preview, params) -> Preview:
+    """A raw-text preview with its recognised-shape sentence."""
+    stats = preview.stats
+    preview.shape = (f"Raw text: {stats['files']:,} file(s), {stats['blocks']:,} block(s) after cutting at the hard "
+                     f"cut string, {stats['kept_blocks']:,} kept; chunked into samples of at most "
+                     f"{params.cutoff_len} tokens sharing about {params.overlap_len} tokens with the previous one; "
+                     f"all of it trained.")
+    return preview
 
 
 def no_samples_error(preview: Preview) -> DashboardError | None:

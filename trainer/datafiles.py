@@ -1,9 +1,11 @@
-"""The user's data files: which files are datasets, and reading them (text, JSON/JSONL rows, format files).
+"""The user's data files: which files are datasets, and reading them (text, rows, tables, format files).
 
-One rule decides what a dataset is, by its ending (`dataset_kind`): a `.txt` file or a folder of them is raw
-text, a `.json` list or `.jsonl` rows is formatted data. The Data page's lists and its uploader, the Train
-page's pickers, build_samples (the preview on the command line and the trainer) and the sample cache all
-follow it. FORMATS.md documents the files themselves.
+One rule decides what a dataset is, by its ending (`dataset_kind`): a `.txt` or `.md` file or a folder of
+them is raw text; a `.json` list, `.jsonl` rows or a `.csv`, `.tsv` or `.parquet` table is rows (formatted
+data: records for a format file, chat rows, prompt/completion or text rows, see trainer/shapes.py). The Data
+page's lists and its uploader, the Train page's pickers, build_samples (the preview on the command line and
+the trainer) and the sample cache all follow it. Datasets are found in the home's datasets/ and in a webui's
+training/datasets/. FORMATS.md documents the files themselves.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from typing import Any
 from natsort import natsorted, ns
 
 from .errors import DashboardError
-from .home import (DATASET_ENDINGS, RAW_TEXT_ENDINGS, ROWS_ENDINGS, check_name, datasets_dir, formats_dirs,
-                   resolve_inside)
+from .home import (DATASET_ENDINGS, RAW_TEXT_ENDINGS, ROWS_ENDINGS, TABLE_ENDINGS, check_name, datasets_dir,
+                   datasets_dirs, formats_dirs, resolve_inside)
 from .storage import write_bytes_atomic
 
 
 # ---- which files are datasets ----------------------------------------------------------------------
 def kind_by_ending(name: str) -> str | None:
-    """"raw" for a name ending in .txt, "formatted" for .json/.jsonl, None for any other name."""
+    """"raw" for a name ending in .txt/.md, "formatted" for .json/.jsonl/.csv/.tsv/.parquet, None for any other."""
     suffix = Path(name).suffix.lower()
     if suffix in RAW_TEXT_ENDINGS:
         return "raw"
@@ -32,26 +34,37 @@ def kind_by_ending(name: str) -> str | None:
 
 
 def dataset_kind(path: Path) -> str | None:
-    """What a path holds: "raw" (a .txt file, or a folder: its .txt files), "formatted", or None."""
+    """What a path holds: "raw" (a .txt/.md file, or a folder: its text files), "formatted", or None."""
     path = Path(path)
     return "raw" if path.is_dir() else kind_by_ending(path.name)
 
 
 def dataset_names(kind: str = "any", folders: bool = True) -> list[str]:
-    """Names under datasets/ of this kind ("raw", "formatted" or "any"), hidden names left out. A folder is
-    listed when it holds .txt files (and `folders` is true)."""
-    root = datasets_dir()
-    if not root.is_dir():
-        return []
-    names = []
-    for path in sorted(root.iterdir()):
-        found = dataset_kind(path)
-        if path.name.startswith(".") or found is None or kind not in (found, "any"):
+    """Names of this kind ("raw", "formatted" or "any") under datasets/ and a webui's training/datasets/
+    (each name once: datasets/ wins, as a bare name resolves), hidden names left out. A folder is listed when
+    it holds text files (and `folders` is true)."""
+    names: list[str] = []
+    for root in datasets_dirs():
+        if not root.is_dir():
             continue
-        if path.is_dir() and not (folders and _text_files_in(path)):
-            continue
-        names.append(path.name)
-    return names
+        for path in sorted(root.iterdir()):
+            found = dataset_kind(path)
+            if path.name.startswith(".") or found is None or kind not in (found, "any") or path.name in names:
+                continue
+            if path.is_dir() and not (folders and _text_files_in(path)):
+                continue
+            names.append(path.name)
+    return sorted(names)
+
+
+def find_dataset(name: str) -> Path:
+    """A name `dataset_names` lists, resolved safely inside the folder that holds it (datasets/ first)."""
+    folders = [folder for folder in datasets_dirs() if folder.is_dir()] or [datasets_dir()]
+    for folder in folders:
+        path = resolve_inside(folder, name, "dataset")
+        if path.exists():
+            return path
+    return resolve_inside(folders[0], name, "dataset")
 
 
 def format_names() -> list[str]:
@@ -126,10 +139,16 @@ def raw_text_files(path: Path) -> list[Path]:
 
 
 def load_rows(path: Path) -> list[Any]:
-    """Rows of a .json file (a list of objects) or a .jsonl file (one object per line)."""
+    """Rows of a .json file (a list of objects), a .jsonl file (one object per line) or a table."""
     path = Path(path)
-    text = read_text_file(path)
-    rows = _jsonl_rows(path, text) if path.suffix.lower() == ".jsonl" else _json_rows(path, text)
+    suffix = path.suffix.lower()
+    if suffix in TABLE_ENDINGS:
+        from .tables import table_rows
+
+        rows = table_rows(path)
+    else:
+        text = read_text_file(path)
+        rows = _jsonl_rows(path, text) if suffix == ".jsonl" else _json_rows(path, text)
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DashboardError(

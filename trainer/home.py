@@ -1,7 +1,10 @@
 """The home folder (models/, datasets/, loras/, formats/) and safe resolution of user-given names in it.
 
 The home defaults to the checkout; `LORA_DASHBOARD_HOME` points it elsewhere, for example at a
-text-generation-webui `user_data` folder. Formats fall back to the ones shipped in the checkout.
+text-generation-webui `user_data` folder, whose datasets and format files live in `training/datasets/` and
+`training/formats/` and its chat templates in `instruction-templates/`: those are read alongside the home's
+own `datasets/` and `formats/`. Formats and instruction templates fall back to the ones shipped in the
+checkout.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from .errors import DashboardError
 
 HOME_ENV = "LORA_DASHBOARD_HOME"
 # Which files are datasets, by ending (datafiles.py holds the rest of that rule).
-RAW_TEXT_ENDINGS = (".txt",)
-ROWS_ENDINGS = (".json", ".jsonl")
+RAW_TEXT_ENDINGS = (".txt", ".md")
+TABLE_ENDINGS = (".csv", ".tsv", ".parquet")
+ROWS_ENDINGS = (".json", ".jsonl") + TABLE_ENDINGS
 DATASET_ENDINGS = RAW_TEXT_ENDINGS + ROWS_ENDINGS
+TEMPLATE_ENDINGS = (".yaml", ".yml")  # instruction templates (text-generation-webui's)
 CODE_ROOT = Path(__file__).resolve().parent.parent
 
 # Names Windows reserves: refused everywhere so a folder copied between systems keeps working.
@@ -33,7 +38,13 @@ def models_dir() -> Path:
 
 
 def datasets_dir() -> Path:
+    """The home's own datasets/: where uploads are written."""
     return home_dir() / "datasets"
+
+
+def datasets_dirs() -> list[Path]:
+    """Where datasets are found: the home's datasets/, then a webui's training/datasets/."""
+    return [datasets_dir(), home_dir() / "training" / "datasets"]
 
 
 def loras_dir() -> Path:
@@ -41,9 +52,15 @@ def loras_dir() -> Path:
 
 
 def formats_dirs() -> list[Path]:
-    """Where format files are looked up: the home's formats/ first, then the shipped ones."""
-    dirs = [home_dir() / "formats", CODE_ROOT / "formats"]
+    """Where format files are looked up: the home's formats/, a webui's training/formats/, then the shipped ones."""
+    dirs = [home_dir() / "formats", home_dir() / "training" / "formats", CODE_ROOT / "formats"]
     return list(dict.fromkeys(dirs))
+
+
+def instruction_templates_dirs() -> list[Path]:
+    """Where instruction templates (chat templates in webui YAML files) are looked up: the home's
+    instruction-templates/ (a webui's own), then the shipped ones."""
+    return list(dict.fromkeys([home_dir() / "instruction-templates", CODE_ROOT / "instruction-templates"]))
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -92,8 +109,9 @@ def resolve_user_path(value: str, kind: str) -> Path:
     """Resolve a path from the command line or training_parameters.json (trusted caller).
 
     Absolute paths are taken as they are; relative ones are relative to the home folder; a bare
-    webui-style name (`alpaca-data`) is looked up in `datasets/` or `formats/` with its ending.
-    `kind` is "dataset", "format", "lora" or "model".
+    webui-style name (`alpaca-data`) is looked up in the kind's folders (datasets/ and training/datasets/,
+    the format or instruction-template folders) with its ending.
+    `kind` is "dataset", "format", "instruction template", "lora" or "model".
     """
     if "\x00" in value:
         raise DashboardError(f"The {kind} path contains a NUL byte.")
@@ -101,9 +119,11 @@ def resolve_user_path(value: str, kind: str) -> Path:
     if path.is_absolute():
         return path
     if kind == "dataset":
-        folders, endings = [datasets_dir()], ("", *ROWS_ENDINGS, *RAW_TEXT_ENDINGS)
+        folders, endings = datasets_dirs(), ("", *ROWS_ENDINGS, *RAW_TEXT_ENDINGS)
     elif kind == "format":
         folders, endings = formats_dirs(), ("", ".json")
+    elif kind == "instruction template":
+        folders, endings = instruction_templates_dirs(), ("", *TEMPLATE_ENDINGS)
     elif kind == "lora":
         folders, endings = [loras_dir()], ("",)
     else:

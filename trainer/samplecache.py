@@ -1,7 +1,8 @@
 """Samples prepared once per content: a run, a resumed run or a second run on the same data reuses them.
 
 The cache key is a SHA-256 over everything that shapes the samples: the bytes of every input file (the
-raw text files, or the dataset and its format file), the data options, and the tokenizer's whole
+raw text files, or the dataset, its format file and the chosen instruction template), the data options,
+and the tokenizer's whole
 definition (vocabulary, merges, normaliser, added tokens, chat template). Change any byte of any of them
 and the samples are built afresh; nothing is keyed on file names or modification times.
 
@@ -29,8 +30,10 @@ from .home import home_dir, resolve_user_path
 from .params import SAMPLE_OPTIONS
 from .storage import write_bytes_atomic
 
-CACHE_VERSION = 2  # raise when build_samples changes what it makes from the same inputs
+CACHE_VERSION = 3  # raise when build_samples changes what it makes from the same inputs
 MAX_ENTRIES = 20
+# Options read with a default until trainer/params.py defines them (then SAMPLE_OPTIONS holds them too).
+EXTRA_OPTIONS = {"chat_template": "", "train_last_turn_only": False}
 
 
 def cache_dir() -> Path:
@@ -44,7 +47,13 @@ def input_files(params, dataset: str | None = None) -> list[Path]:
     path = resolve_user_path(dataset or params.dataset, "dataset")
     if dataset_kind(path) == "raw":
         return raw_text_files(path)
-    return [path] + ([resolve_user_path(params.format, "format")] if params.format else [])
+    files = [path] + ([resolve_user_path(params.format, "format")] if params.format else [])
+    template = getattr(params, "chat_template", "")
+    if template:
+        from .chattemplates import instruction_template_path
+
+        files.append(instruction_template_path(template))
+    return files
 
 
 def tokenizer_fingerprint(tokenizer) -> str | None:
@@ -65,6 +74,7 @@ def samples_key(params, tokenizer, dataset: str | None = None) -> str | None:
         return None
     digest = hashlib.sha256()
     options = {name: getattr(params, name) for name in SAMPLE_OPTIONS}
+    options.update({name: getattr(params, name, default) for name, default in EXTRA_OPTIONS.items()})
     digest.update(json.dumps({"version": CACHE_VERSION, "options": options, "eval_dataset": dataset,
                               "tokenizer": fingerprint}, sort_keys=True).encode("utf-8"))
     for path in input_files(params, dataset):
@@ -78,7 +88,8 @@ def samples_key(params, tokenizer, dataset: str | None = None) -> str | None:
 def save_preview(path: Path, preview: Preview) -> None:
     samples = preview.samples
     lengths = np.array([s.n_tokens for s in samples], dtype=np.int64)
-    meta = {"kind": preview.kind, "stats": preview.stats, "problems": [asdict(p) for p in preview.problems],
+    meta = {"kind": preview.kind, "shape": preview.shape, "stats": preview.stats,
+            "problems": [asdict(p) for p in preview.problems],
             "texts": [s.text for s in samples], "sources": [s.source for s in samples]}
     buffer = io.BytesIO()
     np.savez(buffer, lengths=lengths,
@@ -106,7 +117,7 @@ def load_preview(path: Path) -> Preview:
         samples.append(Sample(text=meta["texts"][i], input_ids=ids[at:at + n], label_mask=masks[at:at + n],
                               source=meta["sources"][i], overlap=overlaps[i], truncated=truncated[i]))
         at += n
-    return Preview(meta["kind"], samples, [Problem(**p) for p in meta["problems"]], meta["stats"])
+    return Preview(meta["kind"], samples, [Problem(**p) for p in meta["problems"]], meta["stats"], meta["shape"])
 
 
 def cached_build_samples(params, tokenizer, dataset: str | None = None) -> tuple[Preview, bool]:
