@@ -19,12 +19,12 @@ def snapshot(root: Path) -> dict:
     """Every file with its size and mtime, and every folder, under `root` (a home, or a folder holding one).
 
     Left out: the sample cache (cache/), derived data the Data page and the trainer both store the samples of
-    a good preview in; and the empty hidden `.NAME.lock` a GGUF conversion takes in models/ (lock files are
-    never removed: removing them races)."""
+    a good preview in; the pages' own state (.dashboard/: the form a reload brings back); and the empty
+    hidden `.NAME.lock` a GGUF conversion takes in models/ (lock files are never removed: that races)."""
     root = Path(root)
     found = {}
     for path in sorted(root.rglob("*")):
-        if _in_sample_cache(path, root):
+        if _in_sample_cache(path, root) or ".dashboard" in path.relative_to(root).parts:
             continue
         if path.parent.name == "models" and path.name.startswith(".") and path.name.endswith(".lock"):
             continue

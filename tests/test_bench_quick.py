@@ -39,3 +39,17 @@ def test_quick_benchmark_runs_all_three_pipelines_on_the_same_tokens(tmp_path, d
         pad = {name: result["padding_fraction"] for name, result in pipelines.items()}
         assert pad["a"] > pad["b"] >= pad["c"] >= 0, (kind, pad)
         assert data["ratios"]["c/a"] > 0 and data["ratios"]["c/b"] > 0
+
+
+def test_quick_memory_benchmark_compares_the_estimate_with_a_real_run(default_model_dir):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(HOME_ENV, None)
+    proc = subprocess.run([sys.executable, str(CODE_ROOT / "bench" / "memory_estimate.py"), "--quick", "--json"],
+                          cwd=CODE_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "worst ratio" in proc.stdout
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 1 and rows[0]["measured"] > 100e6
+    # The tiny model's peak is mostly the libraries: the estimate's parts must add up to a close total.
+    assert 0.5 < rows[0]["ratio"] < 2.0, rows
+    assert set(rows[0]["parts"]) == {"weights", "adapter + optimiser", "activations", "output layer", "runtime"}

@@ -303,3 +303,84 @@ def test_overlap_counts_the_bos_and_eos_tokens_the_options_ask_for():
     assert problem.field == "overlap_len" and "BOS/EOS" in problem.message and "(127)" in problem.message
     assert valid(overlap_len=127, **{**raw, "add_eos_token": False}).problems() == []
     assert valid(overlap_len=126, **raw).problems() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# What cannot train is refused before the start (trainer/batching.py), with a fix that works
+
+
+def test_warmup_ratio_is_a_fraction_of_at_most_a_half():
+    assert valid(warmup_ratio=0.5).problems() == []
+    problem = error_of(valid(warmup_ratio=0.6))
+    assert problem.field == "warmup_ratio" and problem.message == "Warmup ratio must be at most 0.5; got 0.6."
+    assert TrainingParameters.from_dict({"warmup_ratio": "0.1"}).warmup_ratio == 0.1
+    assert TrainingParameters.from_dict({}).warmup_ratio == 0.0  # stored runs keep their warm-up steps
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_offered_batch_fits_and_is_the_largest_that_does(world):
+    from trainer.batching import batch_fit_problem, fitting_batch
+    from trainer.params import batch_problem
+
+    for n_units in range(1, 25):
+        for micro in range(1, 6):
+            for batch in range(micro * world, 40, micro * world):
+                params = valid(micro_batch_size=micro, batch_size=batch)
+                problem = batch_fit_problem(params, n_units, world)
+                assert (problem is None) == (n_units >= batch)
+                if problem is None:
+                    continue
+                assert problem.field == "batch_size" and f"Only {n_units} sample" in problem.message
+                new_micro, new_batch, processes = fitting_batch(n_units, micro, world)
+                assert 0 < new_batch <= n_units and new_micro <= micro and processes <= world
+                assert batch_problem(new_batch, new_micro, processes) is None
+                assert batch_fit_problem(valid(micro_batch_size=new_micro, batch_size=new_batch), n_units,
+                                         processes) is None
+                if processes == world and new_micro == micro:
+                    assert new_batch + micro * world > n_units  # no larger multiple fits
+
+
+def test_a_warm_up_as_long_as_the_run_is_refused_and_the_offered_fixes_work():
+    from trainer.batching import warmup_problem, warmup_steps_for
+
+    for total in range(1, 40):
+        for steps in range(0, 45):
+            params = valid(warmup_steps=steps)
+            problem = warmup_problem(params, total)
+            assert (problem is None) == (steps < total)
+            if problem is None:
+                continue
+            assert problem.field == "warmup_steps" and f"Set warmup steps below {total}" in problem.message
+            assert warmup_problem(valid(warmup_steps=total - 1), total) is None
+            if "warmup ratio to 0.1" in problem.message:
+                fixed = valid(warmup_steps=steps, warmup_ratio=0.1)
+                assert warmup_problem(fixed, total) is None
+                assert f"({warmup_steps_for(fixed, total)} of {total} steps)" in problem.message
+    assert warmup_problem(valid(warmup_steps=100, lr_scheduler_type="constant"), 5) is None  # no warm-up there
+    one_step = warmup_problem(valid(warmup_ratio=0.2), 1)
+    assert one_step.field == "warmup_ratio" and one_step.message.endswith("Set warmup ratio to 0.")
+
+
+def test_a_learning_rate_above_1e_2_is_a_warning_with_the_usual_range():
+    from trainer.batching import start_warnings
+
+    assert start_warnings(valid(learning_rate=1e-2)) == []
+    (warning,) = start_warnings(valid(learning_rate=0.03))
+    assert warning.field == "learning_rate" and warning.message == (
+        "Learning rate 0.03 is far above what LoRA tolerates: LoRA usually trains at 1e-5 to 5e-4; 0.03 will likely "
+        "make the loss blow up.")
+
+
+def test_no_sample_left_names_the_field_to_change(home, tokenizer):
+    from trainer.batching import start_problems
+    from trainer.data import build_samples
+
+    params = valid(train_only_after="### Nowhere:", skip_unmatched_rows=True)  # 2 of its rows match no key
+    preview = build_samples(params, tokenizer)
+    assert preview.samples == []
+    (problem,) = start_problems(params, preview, 0, 1, 1)
+    assert problem.field == "train_only_after"  # what most rows say, not the first unmatched one
+    assert problem.message.startswith("No sample to train on: every row was unmatched or dropped")
+    assert problem.message.endswith("Set train only after to a string the rendered rows contain, or leave it empty.")
+    unmatched_too = start_problems(valid(train_only_after="### Nowhere:"), preview, 0, 1, 1)
+    assert [p.field for p in unmatched_too] == ["skip_unmatched_rows", "train_only_after"]

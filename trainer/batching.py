@@ -8,17 +8,25 @@ own. Padding is never trained.
 
 The order is a pure function of (seed, epoch), so a resumed run replays exactly the steps an
 uninterrupted run would have taken.
+
+Before the start, `start_problems` says why a run of these samples cannot train (rows that match nothing, no
+sample left, fewer rows than one optimiser step, a warm-up as long as the run), each with the field to change;
+the Train page's plan, `python -m trainer train` and the trainer check that one list. `start_warnings` lists
+what may work but likely will not (a learning rate far above LoRA's range): said, never refused.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE_INDEX, Sample
+from .data import IGNORE_INDEX, Preview, Sample, no_samples_error, unmatched_rows_error
+from .errors import DashboardError
+from .shapes import RECOGNISED
 
 MEGABATCH_MULT = 50  # as transformers' LengthGroupedSampler: sort by length inside groups of 50 micro-batches
 
@@ -95,7 +103,8 @@ def plan(lengths: list[int], params) -> dict:
     units = training_units(lengths, params)
     steps = StepPlan.of(params, len(units), params.num_processes)
     return {"samples": len(lengths), "rows": len(units), "steps_per_epoch": steps.per_epoch,
-            "total_steps": steps.total, "accumulation": steps.accumulation}
+            "total_steps": steps.total, "accumulation": steps.accumulation,
+            "warmup_steps": warmup_steps_for(params, steps.total)}
 
 
 def epoch_schedule(lengths: list[int], micro_batch_size: int, accumulation: int, seed: int, epoch: int,
@@ -154,3 +163,125 @@ def collate(rows: list[list[Sample]], pad_token_id: int, device) -> dict:
 def trained_targets(labels: torch.Tensor) -> int:
     """Tokens that count in the loss: labels shifted by one, as a causal LM predicts the next token."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ---- before the start: what cannot train is refused with its fix, what likely will not is said -----------
+LORA_LEARNING_RATES = (1e-5, 5e-4)  # the range LoRA usually trains at
+LEARNING_RATE_WARN_ABOVE = 1e-2  # above this a LoRA run's loss usually blows up
+
+
+def warmup_steps_for(params, total_steps: int) -> int:
+    """The warm-up steps of a run of `total_steps` steps: warmup_ratio of them, rounded up as the HF Trainer
+    rounds, when the ratio is above 0; else warmup_steps."""
+    if params.warmup_ratio > 0:
+        return math.ceil(params.warmup_ratio * total_steps)
+    return params.warmup_steps
+
+
+def start_problems(params, preview: Preview, n_units: int, total_steps: int, world: int) -> list[DashboardError]:
+    """Why a run of these samples (`n_units` training rows, `total_steps` steps on `world` processes) cannot
+    train, each naming the field to change; empty when it can start."""
+    found = []
+    if not params.skip_unmatched_rows and (unmatched := unmatched_rows_error(preview)):
+        found.append(unmatched)
+    if (empty := no_samples_problem(preview)) is not None:
+        return found + [empty]
+    for problem in (batch_fit_problem(params, n_units, world), warmup_problem(params, total_steps)):
+        if problem is not None:
+            found.append(problem)
+    return found
+
+
+def start_warnings(params) -> list[DashboardError]:
+    """What may start but will likely not train well, each naming its field: said, never refused."""
+    rate = params.learning_rate
+    if rate <= LEARNING_RATE_WARN_ABOVE:
+        return []
+    low, high = LORA_LEARNING_RATES
+    return [DashboardError(f"Learning rate {rate_text(rate)} is far above what LoRA tolerates: LoRA usually trains "
+                           f"at {rate_text(low)} to {rate_text(high)}; {rate_text(rate)} will likely make the loss "
+                           f"blow up.", field="learning_rate")]
+
+
+def rate_text(value: float) -> str:
+    """A learning rate as people write it: 3e-4, 1e-5, 0.05, 1."""
+    if value >= 0.01:
+        return f"{value:g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+# What to change when no sample is left, by the reason most left-out rows give: (field, advice).
+_NO_SAMPLE_ADVICE = {
+    "unmatched: no format file": ("format", f"Choose a format file, or give the rows a shape read without one: "
+                                            f"{RECOGNISED}."),
+    "unmatched": ("format", f"Choose a format file with a key naming the rows' fields, or give the rows a shape read "
+                            f"without one: {RECOGNISED}."),
+    "chat row": ("dataset", "Fix the rows' chat turns: `messages` of role/content, or `conversations` of from/value, "
+                            "with roles system, user and assistant."),
+    "dropped: does not contain": ("train_only_after", "Set train only after to a string the rendered rows "
+                                                      "contain, or leave it empty."),
+    "dropped: no trained tokens": ("cutoff_len", "Raise the cutoff length so the trained part fits."),
+    "dropped": ("overlong_samples", "Raise the cutoff length, or truncate the samples over the cutoff instead "
+                                    "of dropping them."),
+}
+
+
+def no_samples_problem(preview: Preview) -> DashboardError | None:
+    """The trainer's no-sample refusal (data.no_samples_error) with what to change for the reason most rows
+    give, under the field to change."""
+    error = no_samples_error(preview)
+    if error is None:
+        return None
+    causes = Counter(next((k for k in _NO_SAMPLE_ADVICE if p.reason.startswith(k)), None) for p in preview.problems)
+    cause = max(causes, key=lambda k: (k is not None, causes[k]), default=None)
+    field, advice = _NO_SAMPLE_ADVICE.get(cause, ("dataset", "Choose another dataset."))
+    return DashboardError(f"{error.message} {advice}", field=field)
+
+
+def batch_fit_problem(params, n_units: int, world: int) -> DashboardError | None:
+    """Fewer training rows than one optimiser step's batch, with the batch that fits."""
+    if n_units >= params.batch_size:
+        return None
+    rows = f"{n_units} {'packed row' if params.packing else 'sample'}{'s' * (n_units != 1)}"
+    micro, batch, processes = fitting_batch(n_units, params.micro_batch_size, world)
+    if processes != world:
+        fix = f"train on {processes} process{'es' * (processes != 1)} with micro batch size 1 and batch size {batch}"
+    elif micro != params.micro_batch_size:
+        fix = f"set the micro batch size to {micro} and the batch size to {batch}"
+    else:
+        fix = f"set the batch size to {batch}"
+    accumulation = max(1, params.batch_size // (params.micro_batch_size * world))
+    return DashboardError(
+        f"Only {rows} to train on, fewer than one optimiser step: the batch size is {params.batch_size} (micro "
+        f"batch {params.micro_batch_size} x accumulation {accumulation} x {world} process{'es' * (world != 1)}). "
+        f"To train on full batches, {fix}, or add data.", field="batch_size")
+
+
+def fitting_batch(n_units: int, micro_batch_size: int, world: int) -> tuple[int, int, int]:
+    """(micro batch size, batch size, processes) of the largest global batch `n_units` rows fill: the micro
+    batch kept where it fits, then smaller, then fewer processes."""
+    if n_units >= micro_batch_size * world:
+        return micro_batch_size, n_units // (micro_batch_size * world) * micro_batch_size * world, world
+    if n_units >= world:
+        return n_units // world, n_units // world * world, world
+    return 1, n_units, n_units
+
+
+def warmup_problem(params, total_steps: int) -> DashboardError | None:
+    """A warm-up at least as long as the run: the learning rate would never reach its peak."""
+    warmup = warmup_steps_for(params, total_steps)
+    if params.lr_scheduler_type == "constant" or warmup < total_steps:
+        return None  # the constant schedule has no warm-up
+    steps = f"{total_steps} step{'s' * (total_steps != 1)}"
+    if params.warmup_ratio > 0:  # only a 1-step run: the ratio is at most 0.5
+        given, fix, field = f"warmup ratio {params.warmup_ratio:g}: {warmup} step", "Set warmup ratio to 0", \
+            "warmup_ratio"
+    else:
+        given, fix, field = f"{warmup} step{'s' * (warmup != 1)}", \
+            f"Set warmup steps below {total_steps} (0: no warm-up)", "warmup_steps"
+        if (ratio_steps := math.ceil(0.1 * total_steps)) < total_steps:
+            fix += f", or warmup ratio to 0.1 to warm up over the first 10% of the run ({ratio_steps} of {steps})"
+    return DashboardError(
+        f"The warm-up ({given}) is at least as long as the run ({steps}): the learning rate would never reach its "
+        f"peak {rate_text(params.learning_rate)}, and the first step trains at 0. {fix}.", field=field)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 
 from .errors import DashboardError
@@ -77,7 +79,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "training_parameters.json").is_file():
         raise DashboardError(f"{run_dir} has no training_parameters.json.")
+    # A stop (Stop, SIGTERM, Ctrl-C) during the check ends the run as stopped; the trainer then takes them over.
+    handlers = {sig: signal.signal(sig, _stop_before_start) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        refuse_what_cannot_train(run_dir)
+    except StoppedBeforeStart:
+        if os.environ.get("RANK", "0") == "0":
+            _record_status(run_dir, state="stopped", reason="a stop was requested before training began", error=None)
+        return 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     return train(run_dir, args.resume)
+
+
+class StoppedBeforeStart(BaseException):
+    """A stop requested while the run was being checked (a BaseException: no library's `except Exception`
+    swallows it)."""
+
+
+def _stop_before_start(*_) -> None:
+    raise StoppedBeforeStart
+
+
+def refuse_what_cannot_train(run_dir) -> None:
+    """Before any model loads: print each warning as `warning: ...`, and refuse a run that cannot train (the
+    Train page's plan refuses the same: batching.start_problems) by raising its sentence, recorded in
+    status.json as the failure of a refused run is. What this check cannot read (parameters with problems, a
+    model or dataset that does not load) is left to the trainer, which reports it as it always has."""
+    from .batching import StepPlan, start_problems, start_warnings, training_units
+    from .footprint import estimate
+    from .models import load_tokenizer
+    from .params import TrainingParameters, batch_problem
+    from .samplecache import cached_build_samples
+
+    world, main = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("RANK", "0") == "0"
+    try:
+        params = TrainingParameters.from_file(run_dir / "training_parameters.json")
+        if params.problems(require_name=False) or batch_problem(params.batch_size, params.micro_batch_size, world):
+            return
+        tokenizer = load_tokenizer(params.base_model, params.trust_remote_code,
+                                   progress=lambda m: print(m, file=sys.stderr, flush=True))
+        preview, _ = cached_build_samples(params, tokenizer)
+    except DashboardError:
+        return
+    units = training_units([s.n_tokens for s in preview.samples], params)
+    total = StepPlan.of(params, len(units), world).total
+    problems = start_problems(params, preview, len(units), total, world)
+    warnings = start_warnings(params)
+    try:
+        warnings += [w for w in [estimate(params, total, run_dir.parent).warning()] if w is not None]
+    except (DashboardError, OSError):
+        pass  # the disk estimate is advice; the run does not depend on it
+    for warning in warnings if main else []:
+        print(f"warning: {warning.message}", file=sys.stderr, flush=True)
+    if problems:
+        message = " ".join(p.message for p in problems)
+        if main:
+            _record_status(run_dir, state="failed", error=message)
+        raise DashboardError(message, field=problems[0].field)
+
+
+def _record_status(run_dir, **changes) -> None:
+    """status.json of a run that ended before training began: refused (failed, with the sentence the page
+    shows) or stopped."""
+    from .runfiles import now_iso, read_status, run_lock_file, update_status
+    from .storage import named_lock
+
+    with named_lock(run_lock_file(run_dir)):
+        started = (read_status(run_dir) or {}).get("started_at") or now_iso()
+        update_status(run_dir, **changes, started_at=started, finished_at=now_iso())
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:

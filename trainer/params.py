@@ -144,7 +144,11 @@ class TrainingParameters:
         "them, for models that do not fit one GPU).", "optimisation", choices=["ddp", "fsdp"])
     lr_scheduler_type: str = _p("Learning-rate schedule", "linear", "Learning-rate schedule (transformers' schedulers).",
                                 "optimisation", choices=SCHEDULERS)
-    warmup_steps: int = _p("Warmup steps", 10, "Steps of linear warm-up at the start.", "optimisation", 0, 10_000_000)
+    warmup_steps: int = _p("Warmup steps", 10, "Steps of linear warm-up at the start (unless warmup ratio is set).",
+                           "optimisation", 0, 10_000_000)
+    warmup_ratio: float = _p("Warmup ratio", 0.0, "Warm-up as a fraction of the run's steps (0.1 = the first "
+                                                  "10%); used instead of warm-up steps when above 0.", "optimisation",
+                             0.0, 0.5)
     optimizer: str = _p("Optimiser", "adamw_torch", "Optimiser. 8-bit and paged ones come from bitsandbytes.",
                         "optimisation", choices=OPTIMIZERS)
     weight_decay: float = _p("Weight decay", 0.0, "Weight decay of the optimiser.", "optimisation", 0.0, 1.0,
@@ -154,6 +158,9 @@ class TrainingParameters:
     save_steps: int = _p("Save every n steps", 0,
                          "Save a checkpoint every this many steps (0: only the final adapter).", "optimisation",
                          0, 10_000_000)
+    save_total_limit: int = _p("Keep the last n checkpoints", 0,
+                               "Delete older checkpoints once a newer one is complete (0: keep all), as the HF "
+                               "Trainer's save_total_limit.", "optimisation", 0, 10_000_000)
     stop_at_loss: float = _p("Stop at loss", 0.0, "End the run once the loss falls below this (0: never).",
                              "optimisation", 0.0, 100.0)
     logging_steps: int = _p("Logging steps", 1, "Write a metrics line every this many steps.", "optimisation", 1,

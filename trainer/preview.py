@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .data import Preview, Sample, unmatched_rows_error
+from .data import Preview, Sample
+from .errors import DashboardError
 from .params import FIELDS, SAMPLE_OPTIONS
 
 KINDS = ("raw", "formatted")
@@ -113,14 +114,23 @@ def token_runs(sample: Sample, kind: str, bos: int, special_ids: set[int]) -> li
 
 # ---- the Train page's plan -------------------------------------------------------------------------
 def training_plan(params, tokenizer) -> dict[str, Any]:
-    """Samples, packed rows, tokens, accumulation, steps per epoch and total steps of these parameters, and
-    `problem`: why the run would refuse to start (rows that match no key, unless they may be skipped)."""
-    from . import batching
+    """Samples, packed rows, tokens, accumulation, steps per epoch, total steps and warm-up steps of these
+    parameters on the processes they ask for; `problems`: why the run would refuse to start (batching.
+    start_problems, the trainer's own list), each naming its field; `warnings`: what is said but not refused (a
+    learning rate far above LoRA's range, checkpoints that will not fit the disk); `footprint`: the disk space
+    the run will take (trainer/footprint.py), or None, with `footprint_error` saying why."""
+    from . import batching, footprint
     from .samplecache import cached_build_samples
 
     preview, _ = cached_build_samples(params, tokenizer)
     plan = batching.plan([s.n_tokens for s in preview.samples], params)
-    unmatched = unmatched_rows_error(preview)
-    plan.update(tokens=preview.stats["tokens"],
-                problem=unmatched.message if unmatched and not params.skip_unmatched_rows else None)
+    problems = batching.start_problems(params, preview, plan["rows"], plan["total_steps"], params.num_processes)
+    warnings = batching.start_warnings(params)
+    try:
+        plan["footprint"], plan["footprint_error"] = footprint.estimate(params, plan["total_steps"]), None
+        if (disk := plan["footprint"].warning()) is not None:
+            warnings.append(disk)
+    except (DashboardError, OSError) as exc:
+        plan["footprint"], plan["footprint_error"] = None, getattr(exc, "message", None) or str(exc)
+    plan.update(tokens=preview.stats["tokens"], problems=problems, warnings=warnings)
     return plan
