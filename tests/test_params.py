@@ -294,7 +294,7 @@ def test_the_sample_shaping_options_are_the_data_options():
 
     assert SAMPLE_OPTIONS == ["dataset", "format", "raw_text_file", "cutoff_len", "overlap_len", "newline_favor_len",
                               "hard_cut_string", "min_chars", "train_only_after", "add_eos_token", "add_bos_token",
-                              "overlong_samples"]
+                              "overlong_samples", "chat_template", "train_last_turn_only"]
 
 
 def test_overlap_counts_the_bos_and_eos_tokens_the_options_ask_for():

@@ -227,7 +227,7 @@ class _Options:
         if self._template is None:
             from .chattemplates import chat_template_for
 
-            self._template = chat_template_for(tokenizer, getattr(self.params, "chat_template", "") or "")
+            self._template = chat_template_for(tokenizer, self.params.chat_template or "")
         return self._template
 
 
@@ -264,7 +264,7 @@ def build_formatted_samples(params, tokenizer, dataset: str | None = None) -> Pr
         raise DashboardError(f"Dataset not found: {dataset_path}", field="dataset")
     rows = load_rows(dataset_path)
     fmt = load_format(resolve_user_path(params.format, "format")) if params.format else None
-    options = _Options(params, params.train_only_after, bool(getattr(params, "train_last_turn_only", False)))
+    options = _Options(params, params.train_only_after, params.train_last_turn_only)
     tally, problems, rendered, text_rows, matched_keys = _recognise_rows(rows, fmt, options, tokenizer)
 
     bos, eos = special_tokens(params, tokenizer)

@@ -80,8 +80,8 @@ class TrainingParameters:
     learning_rate: float = _p("Learning rate", 3e-4, "Peak learning rate. 3e-4 is a good start for LoRA.", "basic",
                               0.0, 1.0, lo_open=True, fmt="%.2e")
     # data
-    dataset: str = _data("Dataset", "", "A .json/.jsonl dataset in datasets/ (formatted data). Leave empty for raw "
-                                        "text.", data_kind="formatted", choices_from="formatted datasets")
+    dataset: str = _data("Dataset", "", "Rows in datasets/ (.json, .jsonl, .csv, .tsv, .parquet): format-file "
+                                        "records, chat rows, prompt/completion or text rows. Empty for raw text.", data_kind="formatted", choices_from="formatted datasets")
     format: str = _data("Format", "", "Format file in formats/ (the home's first, then the shipped ones) that renders "
                                       "each JSON row into a prompt.", data_kind="formatted", choices_from="formats")
     raw_text_file: str = _data("Raw text file or folder", "", "A .txt file or folder of them in datasets/ (raw text).",
@@ -114,6 +114,15 @@ class TrainingParameters:
     overlong_samples: str = _data("Samples over the cutoff", "truncate",
                                   "Formatted samples over the cutoff: truncate them or drop them.",
                                   choices=OVERLONG_CHOICES, data_kind="formatted")
+    chat_template: str = _data(
+        "Chat template", "", "Chat rows (messages, ShareGPT conversations, prompt/completion messages): empty for "
+        "the model's own chat template, or an instruction template from instruction-templates/ (the home's, then "
+        "the shipped ChatML, Llama-v3, Mistral, Alpaca, Vicuna-v1.1).", data_kind="formatted",
+        choices_from="instruction templates")
+    train_last_turn_only: bool = _data(
+        "Train the last assistant turn only", False,
+        "Chat rows: only the last assistant reply counts in the loss; earlier turns are context.",
+        data_kind="formatted")
     skip_unmatched_rows: bool = _p(
         "Skip unmatched rows", False,
         "Train even though some rows match no key of the format file (they are skipped).", "data")

@@ -32,8 +32,6 @@ from .storage import write_bytes_atomic
 
 CACHE_VERSION = 3  # raise when build_samples changes what it makes from the same inputs
 MAX_ENTRIES = 20
-# Options read with a default until trainer/params.py defines them (then SAMPLE_OPTIONS holds them too).
-EXTRA_OPTIONS = {"chat_template": "", "train_last_turn_only": False}
 
 
 def cache_dir() -> Path:
@@ -48,7 +46,7 @@ def input_files(params, dataset: str | None = None) -> list[Path]:
     if dataset_kind(path) == "raw":
         return raw_text_files(path)
     files = [path] + ([resolve_user_path(params.format, "format")] if params.format else [])
-    template = getattr(params, "chat_template", "")
+    template = params.chat_template
     if template:
         from .chattemplates import instruction_template_path
 
@@ -74,7 +72,6 @@ def samples_key(params, tokenizer, dataset: str | None = None) -> str | None:
         return None
     digest = hashlib.sha256()
     options = {name: getattr(params, name) for name in SAMPLE_OPTIONS}
-    options.update({name: getattr(params, name, default) for name, default in EXTRA_OPTIONS.items()})
     digest.update(json.dumps({"version": CACHE_VERSION, "options": options, "eval_dataset": dataset,
                               "tokenizer": fingerprint}, sort_keys=True).encode("utf-8"))
     for path in input_files(params, dataset):
