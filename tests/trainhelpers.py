@@ -14,7 +14,7 @@ from trainer.home import CODE_ROOT
 TINY_PARAMS = {
     "base_model": "tiny-llama", "raw_text_file": "user-guide.txt", "cutoff_len": 64, "overlap_len": 16,
     "micro_batch_size": 2, "batch_size": 4, "learning_rate": "3e-3", "lora_rank": 8, "lora_alpha": 16,
-    "warmup_steps": 2, "seed": 7,
+    "warmup_steps": 1, "seed": 7,
 }
 
 

@@ -10,6 +10,8 @@ import os
 import sys
 import time
 import traceback
+import warnings
+from pathlib import Path
 
 
 def log(message: str) -> None:
@@ -17,6 +19,39 @@ def log(message: str) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
     print(f"[{time.strftime('%H:%M:%S')}] {prefix}{message}", flush=True)
+
+
+# Warnings from libraries that tell a person training a LoRA nothing to act on: filtered, each with its reason.
+KNOWN_NOISE = [
+    # peft 0.21 asks the model for `is_gradient_checkpointing`, which transformers 5 renamed; nothing changes.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+]
+
+
+def quiet_log() -> None:
+    """Make this process's log (train.log) readable: no progress bars (transformers and huggingface_hub draw
+    them with carriage returns, which a log file turns into one long line per bar; the trainer logs its own
+    line per stage instead: loading the data, the model, each step), the known harmless warnings filtered,
+    and any other warning as one log line naming the package it came from (once per place, Python's
+    default). Call it before transformers is imported: it reads HF_HUB_DISABLE_PROGRESS_BARS then."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:  # imported already (with transformers): switch their bars off directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    for category, pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    parts = Path(filename).parts
+    package = parts[parts.index("site-packages") + 1] if "site-packages" in parts else Path(filename).stem
+    log(f"Warning from {package} ({category.__name__}): {str(message).splitlines()[0][:300]}")
 
 
 class Distributed:

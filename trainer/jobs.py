@@ -16,8 +16,10 @@ import traceback
 import uuid
 from pathlib import Path
 
+from .distributed import quiet_log
 from .errors import DashboardError
 from .home import check_name
+from .models import keep_bitsandbytes_out
 from .results import (
     adapter_run_name, append_result, evaluation_key, find_result, home_relative, read_results,
     results_dir, same_key,
@@ -197,6 +199,10 @@ class _Status:
             self.last = now
 
 
+def _full_precision(job: dict) -> bool:
+    return job.get("kind") == "export" or all(t.get("precision", "full") == "full" for t in job.get("tasks", []))
+
+
 def run_job(job_dir: Path) -> int:
     """Run a job folder's job.json; the CLI entry `python -m trainer run-job --job-dir DIR`."""
     job_dir = Path(job_dir).resolve()
@@ -204,6 +210,9 @@ def run_job(job_dir: Path) -> int:
     if job is None:
         print(f"error: {job_dir} has no readable {JOB_FILE}", file=sys.stderr)
         return 2
+    quiet_log()
+    if _full_precision(job):
+        keep_bitsandbytes_out()  # no "kernels" probe in job.log, as in a full-precision run's train.log
     status = _Status(job_dir)
 
     def cancel(*_):

@@ -101,6 +101,7 @@ class Trainee:
         import torch
         from transformers import get_scheduler
 
+        from .batching import warmup_steps_for
         from .models import load_model
 
         model = load_model(params.base_model, params.precision, device, params.trust_remote_code,
@@ -120,7 +121,8 @@ class Trainee:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
         optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
-        scheduler = get_scheduler(params.lr_scheduler_type, optimizer, num_warmup_steps=params.warmup_steps,
+        scheduler = get_scheduler(params.lr_scheduler_type, optimizer,
+                                  num_warmup_steps=warmup_steps_for(params, total_steps),
                                   num_training_steps=total_steps)
         return cls(model, peft_model, trainable, sharded, dist_info.enabled, optimizer, scheduler,
                    plain_output_head(model))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -158,6 +160,9 @@ def load_model(name: str, precision: str = "full", device: str | None = None, tr
     folder = model_path(name, progress)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    started = time.perf_counter()
+    progress(f"Loading the model {folder.name} ({precision} precision, {str(dtype).removeprefix('torch.')}) "
+             f"on {device}...")
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if precision == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -178,6 +183,7 @@ def load_model(name: str, precision: str = "full", device: str | None = None, tr
         raise DashboardError(f"Cannot load the model {folder.name}: {exc}", field="base_model") from None
     if precision == "full":
         model.to(device)
+    progress(f"Model loaded in {time.perf_counter() - started:.1f} s.")
     return model
 
 
@@ -209,6 +215,24 @@ def attach_adapter(model, adapter_dir: Path | str, adapter_name: str | None = No
 BNB_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
+def needs_bitsandbytes(precision: str, optimizer: str) -> bool:
+    return precision != "full" or optimizer in BNB_OPTIMIZERS
+
+
+def keep_bitsandbytes_out() -> bool:
+    """Make `import bitsandbytes` fail in this process, for a run that does not use it (full precision, no
+    8-bit optimiser). peft imports it at once when it is installed (`peft.helpers`: try/except ImportError)
+    and bitsandbytes probes its CPU kernels at import, which prints "Failed to load CPU gemm_4bit_forward from
+    kernels-community: No module named 'kernels'" into every run's log, and costs a second. A None entry in
+    sys.modules is Python's documented way to refuse an import (ImportError; importlib.util.find_spec, which
+    transformers and peft use to ask whether it is installed, answers None). Only the trainer process calls
+    this; returns False when bitsandbytes was imported already."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"] is None
+    sys.modules["bitsandbytes"] = None
+    return True
+
+
 @lru_cache(maxsize=None)
 def _bitsandbytes_error() -> str | None:
     try:
@@ -225,7 +249,7 @@ def _bitsandbytes_error() -> str | None:
 
 def bitsandbytes_problem(precision: str, optimizer: str) -> str | None:
     """A sentence for the Train page when the chosen precision or optimiser needs bitsandbytes and it cannot run."""
-    if precision == "full" and optimizer not in BNB_OPTIMIZERS:
+    if not needs_bitsandbytes(precision, optimizer):
         return None
     error = _bitsandbytes_error()
     if error is None:

@@ -35,6 +35,10 @@ class RunStatus(TypedDict, total=False):
     resumed_from: str | None  # the checkpoint folder name a resume continued from
     failed_rank: int | None  # the rank whose failure ended a multi-process run
     reason: str  # why a run ended: the last step reached, a stop requested, stop-at-loss
+    diverged: bool  # the loss or gradient norm blew up (trainer/divergence.py); false until then
+    waiting: bool  # queued in the run queue (trainer/runqueue.py): no process yet
+    device: str  # the device a queued run waits for ("cpu", "cuda:0", "cuda:0,1")
+    queued_at: str  # ISO time the run joined the queue
 
 
 STATUS_FIELDS = tuple(RunStatus.__annotations__)

@@ -4,7 +4,8 @@ Reads DIR/training_parameters.json, trains on exactly the samples `preview` show
 status.json, metrics.jsonl, checkpoint-STEP/ folders and the final PEFT adapter (FORMATS.md).
 The loop is `train_run`; what it needs is built once before it: the step plan and the batches
 (trainer/batching.py, trainer/trainingdata.py), the adapter model with its optimiser (trainer/lora.py), the progress counters
-(`Progress`), and a checkpoint to resume from (trainer/checkpoints.py).
+(`Progress`), a checkpoint to resume from (trainer/checkpoints.py), and the watch that ends a run
+whose loss or gradient norm blows up (trainer/divergence.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoints import find_checkpoint, loop_state
-from .distributed import Distributed, log, lost_a_peer
+from .checkpoints import (
+    disk_full_sentence, find_checkpoint, is_disk_full, list_checkpoints, loop_state, prune_checkpoints,
+    remove_leftovers, step_of,
+)
+from .distributed import Distributed, log, lost_a_peer, quiet_log
+from .divergence import Diverged, DivergenceWatch, loss_problem
 from .errors import DashboardError
 from .runfiles import (
     METRICS_FILE, PARAMS_FILE, STOP_FILE, MetricsWriter, now_iso, read_status,
@@ -34,20 +39,6 @@ from .trainingdata import TrainingData
 # status.json before writing its own: the run then names the rank that broke, not the one left behind.
 # Well under torchrun's 30 s between SIGTERM and SIGKILL.
 PEER_FAILURE_WAIT_S = 5.0
-
-
-def loss_problem(loss: float, step: int) -> str | None:
-    """A sentence explaining a loss that means the run broke (NaN, infinite or exactly 0.0), else None."""
-    if loss == 0.0:
-        return (f"The loss is exactly 0.0 at step {step}: something is broken (labels all masked, a data problem, "
-                f"or a numerical failure), not a perfect model. Check 'train only after' and the data preview.")
-    if math.isfinite(loss):
-        return None
-    if step == 1:
-        return (f"The loss is {loss} at the first step: the base model or the data produce invalid numbers (a broken "
-                f"model file, or half precision overflowing). Try the model in full precision, or another model.")
-    return (f"The loss became {loss} at step {step}: training diverged. Lower the learning rate, keep gradient "
-            f"clipping on (max grad norm 1.0), or use full precision instead of 8/4-bit.")
 
 
 class StopRequested:
@@ -93,18 +84,36 @@ def train(run_dir: Path, resume: str | None = None) -> int:
     run_dir = Path(run_dir).resolve()
     dist_info = Distributed()
     try:
+        _quiet_process(run_dir)
         if dist_info.is_main:
             _take_over_status(run_dir)
         train_run(run_dir, resume, dist_info)
         return 0
     except BaseException as exc:  # the run folder must say what went wrong, whatever it was
-        message = _error_sentence(exc)
+        message = _error_sentence(exc, run_dir)
         traceback.print_exc()
         log(f"FAILED: {message}")
-        _record_failure(run_dir, dist_info, message, lost_peer=dist_info.enabled and lost_a_peer(exc))
+        _record_failure(run_dir, dist_info, message, lost_peer=dist_info.enabled and lost_a_peer(exc),
+                        diverged=isinstance(exc, Diverged))
         return 1
     finally:
         dist_info.close()
+
+
+def _quiet_process(run_dir: Path) -> None:
+    """A readable train.log (distributed.quiet_log), and bitsandbytes kept out of a run that does not use it
+    (models.keep_bitsandbytes_out: its import prints a warning about missing kernels). Parameters that do not
+    read are left to train_run to report."""
+    from .models import keep_bitsandbytes_out, needs_bitsandbytes
+    from .params import TrainingParameters
+
+    quiet_log()
+    try:
+        params = TrainingParameters.from_file(run_dir / PARAMS_FILE)
+    except (DashboardError, OSError, ValueError):
+        return
+    if not needs_bitsandbytes(params.precision, params.optimizer):
+        keep_bitsandbytes_out()
 
 
 def _set_status(run_dir: Path, **changes) -> dict:
@@ -120,7 +129,7 @@ def _take_over_status(run_dir: Path) -> None:
         previous = read_status(run_dir) or {}
         update_status(run_dir, state="running", **process_identity(os.getpid()),
                       started_at=previous.get("started_at") or now_iso(), finished_at=None, error=None,
-                      failed_rank=None, message="loading the model and data")
+                      failed_rank=None, diverged=False, message="loading the model and data")
 
 
 def _failed_elsewhere(status: dict | None, rank: int) -> bool:
@@ -128,10 +137,11 @@ def _failed_elsewhere(status: dict | None, rank: int) -> bool:
     return bool(status) and status.get("state") == "failed" and status.get("failed_rank") not in (None, rank)
 
 
-def _record_failure(run_dir: Path, dist_info: Distributed, message: str, lost_peer: bool = False) -> None:
-    """Write the failure. In a multi-process run the first failure recorded wins: the others are its
-    consequences (a peer gone). A process that only lost its peer first gives that peer's own report a
-    moment to arrive, so the run names the rank that broke."""
+def _record_failure(run_dir: Path, dist_info: Distributed, message: str, lost_peer: bool = False,
+                    diverged: bool = False) -> None:
+    """Write the failure (`diverged: true` when the loss or gradient norm blew up). In a multi-process run the
+    first failure recorded wins: the others are its consequences (a peer gone). A process that only lost its
+    peer first gives that peer's own report a moment to arrive, so the run names the rank that broke."""
     if lost_peer:
         deadline = time.monotonic() + PEER_FAILURE_WAIT_S
         while not _failed_elsewhere(read_status(run_dir), dist_info.rank) and time.monotonic() < deadline:
@@ -142,12 +152,15 @@ def _record_failure(run_dir: Path, dist_info: Distributed, message: str, lost_pe
                 return
             message = f"Rank {dist_info.rank} of {dist_info.world} failed: {message}"
         update_status(run_dir, state="failed", error=message, finished_at=now_iso(),
-                      failed_rank=dist_info.rank if dist_info.enabled else None)
+                      failed_rank=dist_info.rank if dist_info.enabled else None,
+                      **({"diverged": True} if diverged else {}))
 
 
-def _error_sentence(exc: BaseException) -> str:
+def _error_sentence(exc: BaseException, run_dir: Path) -> str:
     if isinstance(exc, DashboardError):
         return exc.message
+    if is_disk_full(exc):  # a checkpoint save says more itself (checkpoints.save_checkpoint)
+        return disk_full_sentence(run_dir, f"Writing to the run folder ({type(exc).__name__}: {str(exc)[:120]})")
     text = str(exc) or type(exc).__name__
     if "out of memory" in text.lower() or isinstance(exc, MemoryError):
         return ("Out of memory. Lower the micro batch size or the cutoff length, or turn on gradient checkpointing "
@@ -244,6 +257,7 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
     state = _resume_or_begin(run_dir, checkpoint, trainee, dist_info, plan)
     metrics = MetricsWriter(run_dir / METRICS_FILE) if main else None
     progress = Progress(plan, state)
+    watch = DivergenceWatch()  # trainer/divergence.py: the rule that says a run has blown up
     step = state["step"]
     end_state, reason = "completed", "reached the last step"
 
@@ -267,12 +281,14 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
         progress.step_took(time.perf_counter() - step_started)
         stopping = dist_info.any(bool(stop))  # every process stops after the same step
 
-        if problem := loss_problem(loss_total, step):
+        verdict = watch.observe(step, loss_total, grad_norm)
+        if (problem := loss_problem(loss_total, step)) or verdict:
             progress.collect(dist_info)
             if main:
                 metrics.write(progress.train_line(step, loss_total, learning_rate, grad_norm, speed=0.0, eta=0.0))
                 _set_status(run_dir, step=step)
-            raise DashboardError(problem)
+            raise _broken_run_error(run_dir, params.learning_rate, step, loss_total, problem, verdict,
+                                    since=watch.rise_began or step)
 
         if step % params.logging_steps == 0 or step == plan.total or stopping:
             with progress.timed("metrics and status"):
@@ -299,12 +315,14 @@ def train_run(run_dir: Path, resume: str | None = None, dist_info: Distributed |
             break
         if params.save_steps and step % params.save_steps == 0 and step < plan.total:
             with progress.timed("checkpoints"):
-                _save_checkpoint(run_dir, step, trainee, progress, dist_info)
+                # While the loss is far above its start, older checkpoints are kept: they may be the good ones.
+                _save_checkpoint(run_dir, step, trainee, progress, dist_info,
+                                 keep=0 if watch.suspect else params.save_total_limit)
             progress.restart_window()
             dist_info.barrier()
 
     log(progress.bookkeeping_sentence())
-    _finish(run_dir, step, end_state, reason, trainee, progress, dist_info, metrics)
+    _finish(run_dir, step, end_state, reason, trainee, progress, dist_info, metrics, params.save_total_limit)
     return trainee.peft_model
 
 
@@ -348,6 +366,8 @@ def _resume_or_begin(run_dir: Path, checkpoint: Path | None, trainee, dist_info:
     dist_info.barrier()  # every rank has read the stop file's absence and the checkpoint before rank 0 changes them
     if dist_info.is_main:
         (run_dir / STOP_FILE).unlink(missing_ok=True)
+        for leftover in remove_leftovers(run_dir):
+            log(f"Removed {leftover}, left by an interrupted checkpoint save.")
         _set_status(run_dir, step=state["step"], total_steps=plan.total, message=None, world_size=dist_info.world,
                     resumed_from=checkpoint.name if checkpoint else None)
     dist_info.barrier()
@@ -363,22 +383,39 @@ def _report(run_dir: Path, metrics: MetricsWriter, line: dict) -> None:
 
 
 def _save_checkpoint(run_dir: Path, step: int, trainee, progress: Progress, dist_info: Distributed,
-                     states: tuple | None = None) -> None:
-    """checkpoint-STEP/ with every process's tokens so far; every process calls it (FSDP gathers the states)."""
+                     states: tuple | None = None, keep: int = 0) -> None:
+    """checkpoint-STEP/ with every process's tokens so far; every process calls it (FSDP gathers the states).
+    Once it is complete, with `keep` > 0 (save_total_limit), the older checkpoints beyond the newest `keep`
+    are deleted."""
     progress.collect(dist_info)
     states = states or trainee.full_states()
     if dist_info.is_main:
-        trainee.save_checkpoint(run_dir, step, states, loop_state(step, progress.tokens, progress.elapsed(),
-                                                                   progress.plan.total))
-        log(f"saved checkpoint-{step}")
+        saved = trainee.save_checkpoint(run_dir, step, states, loop_state(step, progress.tokens, progress.elapsed(),
+                                                                           progress.plan.total))
+        deleted = prune_checkpoints(run_dir, keep, saved)
+        log(f"saved checkpoint-{step}" + (f"; deleted {', '.join(deleted)} (keep the last {keep})" * bool(deleted)))
+
+
+def _broken_run_error(run_dir: Path, learning_rate: float, step: int, loss: float, problem: str | None,
+                      verdict, since: int) -> DashboardError:
+    """The error ending a broken run (no checkpoint is saved after it). A divergence (DivergenceWatch's verdict,
+    or a loss that stopped being finite after the first step) is a Diverged naming the newest checkpoint from
+    before step `since`, when the blow-up began; an exact 0.0, or a first step already broken, is a plain
+    failure."""
+    good = [c.name for c in list_checkpoints(run_dir) if step_of(c) < since]
+    if not problem:
+        return Diverged(verdict.sentence(learning_rate, good[-1] if good else None))
+    if math.isfinite(loss) or step == 1:
+        return DashboardError(problem)
+    return Diverged(problem + (f" The last good checkpoint is {good[-1]}." if good else ""))
 
 
 def _finish(run_dir: Path, step: int, end_state: str, reason: str, trainee, progress: Progress,
-            dist_info: Distributed, metrics: MetricsWriter | None) -> None:
+            dist_info: Distributed, metrics: MetricsWriter | None, keep: int = 0) -> None:
     """The adapter, a checkpoint to resume from when stopped early, and the final status."""
     states = trainee.full_states()
     if end_state == "stopped" and step < progress.plan.total:
-        _save_checkpoint(run_dir, step, trainee, progress, dist_info, states)
+        _save_checkpoint(run_dir, step, trainee, progress, dist_info, states, keep)
     if dist_info.is_main:
         trainee.save_adapter(run_dir, states[0])
         metrics.close()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from . import batching
 from .batching import StepPlan
-from .data import no_samples_error, unmatched_rows_error
 from .distributed import log
+from .errors import DashboardError
 from .models import load_tokenizer
 from .samplecache import cached_build_samples
 
@@ -34,22 +34,22 @@ class TrainingData:
     @classmethod
     def prepare(cls, params, world: int) -> TrainingData:
         """The same samples as `preview`, built once per content (trainer/samplecache.py), refused with a
-        sentence when rows match nothing (unless skipped) or nothing is left to train."""
+        sentence when it cannot train (batching.start_problems: unmatched rows, no samples, less than one batch,
+        a warm-up as long as the run)."""
 
         tokenizer = load_tokenizer(params.base_model, params.trust_remote_code, progress=log)
         started = time.perf_counter()
         preview, from_cache = cached_build_samples(params, tokenizer)
         log(f"Samples: {len(preview.samples)} {'read from the cache' if from_cache else 'prepared'} in "
             f"{time.perf_counter() - started:.1f} s.")
-        if not params.skip_unmatched_rows and (problem := unmatched_rows_error(preview)):
-            raise problem
-        if problem := no_samples_error(preview):
-            raise problem
         samples = preview.samples
-        eval_samples = cached_build_samples(params, tokenizer, params.eval_dataset)[0].samples \
-            if params.eval_dataset else []
         units = batching.training_units([s.n_tokens for s in samples], params)
         plan = StepPlan.of(params, len(units), world)
+        # The same refusals as the Train page's plan and the command line's check: one rule.
+        if problems := batching.start_problems(params, preview, len(units), plan.total, world):
+            raise DashboardError(" ".join(p.message for p in problems), field=problems[0].field)
+        eval_samples = cached_build_samples(params, tokenizer, params.eval_dataset)[0].samples \
+            if params.eval_dataset else []
         packed = f", packed into {len(units)} rows" if params.packing else ""
         log(f"{len(samples)} samples{packed}, {preview.stats['tokens']} tokens; {plan.describe()}.")
         return cls(params, samples, units, [sum(samples[i].n_tokens for i in unit) for unit in units],
