@@ -1,5 +1,5 @@
-"""Command line: `python -m trainer preview | train | perplexity | run-job | export` (the first three, as the
-README shows them, stay stable)."""
+"""Command line: `python -m trainer preview | train | perplexity | run-job | export | sweep | rank` (the first
+three, as the README shows them, stay stable)."""
 
 from __future__ import annotations
 
@@ -81,16 +81,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise DashboardError(f"{run_dir} has no training_parameters.json.")
     # A stop (Stop, SIGTERM, Ctrl-C) during the check ends the run as stopped; the trainer then takes them over.
     handlers = {sig: signal.signal(sig, _stop_before_start) for sig in (signal.SIGTERM, signal.SIGINT)}
+    main = os.environ.get("RANK", "0") == "0"
     try:
         refuse_what_cannot_train(run_dir)
     except StoppedBeforeStart:
-        if os.environ.get("RANK", "0") == "0":
+        if main:
             _record_status(run_dir, state="stopped", reason="a stop was requested before training began", error=None)
+            _start_next_queued_run()
         return 0
+    except DashboardError:
+        if main:  # refused: it ended failed, and the queue goes on
+            _start_next_queued_run()
+        raise
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return train(run_dir, args.resume)
+    return train(run_dir, args.resume)  # it starts the next queued run as it ends
+
+
+def _start_next_queued_run() -> None:
+    from .runs import start_after_run_end
+
+    start_after_run_end()
 
 
 class StoppedBeforeStart(BaseException):
@@ -182,6 +194,96 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home_path(text: str):
+    """A path as the command line takes it: absolute, relative to the working folder, or to the home folder."""
+    from pathlib import Path
+
+    from .home import home_dir
+
+    path = Path(text)
+    return path if path.is_absolute() or path.exists() else home_dir() / path
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .params import TrainingParameters
+    from .runfiles import PARAMS_FILE
+    from .sweeps import launch_sweep, parse_values, read_sweep_file
+
+    if bool(args.sweep_file) == bool(args.base_run):
+        raise DashboardError("Give either --sweep-file FILE or --base-run loras/NAME (with --param).")
+    if args.sweep_file:
+        base, swept = read_sweep_file(_home_path(args.sweep_file))
+    else:
+        folder = _home_path(args.base_run)
+        if not (folder / PARAMS_FILE).is_file():
+            raise DashboardError(f"{args.base_run} has no {PARAMS_FILE}.")
+        base, swept = TrainingParameters.from_file(folder / PARAMS_FILE), {}
+    for item in args.param:
+        name, sep, values = item.partition("=")
+        if not sep:
+            raise DashboardError(f"--param {item}: write NAME=VALUE1,VALUE2.")
+        swept[name.strip()] = parse_values(name.strip(), values)
+    for run_dir in launch_sweep(base, swept, args.name):
+        print(run_dir.name)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .ranking import evaluate_and_wait, experiment_ranking, ranking_records, ranking_sentence
+    from .runs import is_live
+    from .sweeps import experiment_run_dirs
+
+    settings = EvaluationSettings(args.stride, args.max_length, args.precision, args.general_text).validate()
+    if args.evaluate:
+        run_dirs = experiment_run_dirs(args.experiment)
+        live = [d.name for d in run_dirs if is_live(d)]
+        if live:
+            raise DashboardError(f"{', '.join(live)} has not finished yet; rank the experiment when its runs have ended.")
+        evaluate_and_wait(run_dirs, args.checkpoints, settings, args.held_out_file)
+    table = experiment_ranking(args.experiment, args.checkpoints, args.threshold, settings, args.held_out_file)
+    sentence = ranking_sentence(table, args.threshold)
+    if args.json:
+        print(json.dumps({"experiment": args.experiment, "threshold": args.threshold,
+                          "rows": ranking_records(table.drop(columns="path")), "sentence": sentence}))
+    else:
+        print(table.drop(columns="path").to_string(index=False))
+        print(sentence)
+    return 0
+
+
+def _add_sweep_and_rank(commands) -> None:
+    sweep = commands.add_parser("sweep", help="queue a grid of runs (one experiment) from a sweep file",
+                                description="Every combination of the swept values becomes a run NAME-lr1e-4-r8, "
+                                            "grouped as one experiment and queued; the first starts when the "
+                                            "device is idle. Nothing is written if any run is invalid or exists.")
+    sweep.add_argument("--sweep-file", default=None,
+                       help='JSON: {"base": {parameters}, "sweep": {"learning_rate": [1e-4, 2e-4], ...}}')
+    sweep.add_argument("--base-run", default=None, help="take the base parameters from loras/NAME instead")
+    sweep.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2",
+                       help="a swept parameter and its values (repeat for more; adds to the sweep file's)")
+    sweep.add_argument("--name", default=None, help="experiment and run name prefix (default: the base LoRA name)")
+    sweep.set_defaults(handler=cmd_sweep)
+
+    rank = commands.add_parser("rank", help="rank an experiment's adapters by held-out perplexity and forgetting",
+                               description="Rank every final adapter (and checkpoint) of an experiment: the best "
+                                           "held-out perplexity among those whose forgetting ratio stays under "
+                                           "the threshold, best first.")
+    rank.add_argument("--experiment", required=True, help="the experiment name (loras/.experiments/NAME.json)")
+    rank.add_argument("--checkpoints", action="store_true", help="rank every checkpoint too")
+    rank.add_argument("--threshold", type=float, default=1.1, help="highest forgetting ratio allowed (default 1.1)")
+    rank.add_argument("--held-out-file", default=None, help="a .txt of datasets/ (default: each run's eval data)")
+    rank.add_argument("--general-text", default=DEFAULT_SETTINGS.general_text,
+                      help=f"the general text of the forgetting ratio (default {DEFAULT_SETTINGS.general_text})")
+    rank.add_argument("--stride", type=int, default=DEFAULT_SETTINGS.stride, help="perplexity window stride")
+    rank.add_argument("--max-length", type=int, default=DEFAULT_SETTINGS.max_length, help="perplexity window length")
+    rank.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_SETTINGS.precision,
+                      help="base model precision")
+    rank.add_argument("--evaluate", action="store_true",
+                      help="first run the evaluations still missing (a background job) and wait for them")
+    rank.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    rank.set_defaults(handler=cmd_rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     export.add_argument("--json", action="store_true", help="print the result as JSON")
     export.set_defaults(handler=cmd_export)
+    _add_sweep_and_rank(commands)
     return parser
 
 

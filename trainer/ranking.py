@@ -127,3 +127,47 @@ def ranking_sentence(table: pd.DataFrame, threshold: float) -> str:
         return f"No adapter keeps its forgetting ratio under {threshold:g}: try a lower learning rate or fewer steps."
     return (f"Best: {best['run']} ({best['adapter']}), held-out perplexity {best['held-out perplexity']:.3f}, "
             f"forgetting ratio {best['forgetting ratio']:.3f} (under {threshold:g}).")
+
+
+def experiment_ranking(name: str, checkpoints: bool = False, threshold: float = DEFAULT_THRESHOLD,
+                       settings: EvaluationSettings | None = None, held_out_file: str | None = None) -> pd.DataFrame:
+    """ranking_table of an experiment's runs, with each swept parameter as a column (after `run`)."""
+    from .sweeps import experiment_run_dirs, read_experiment
+
+    swept = list(read_experiment(name).get("swept", {}))
+    run_dirs = experiment_run_dirs(name)
+    table = ranking_table(run_dirs, checkpoints, threshold, settings, held_out_file)
+    values = {Path(d).name: run_parameters(d) for d in run_dirs}
+    for offset, parameter in enumerate(swept):
+        table.insert(1 + offset, parameter, [values.get(run, {}).get(parameter) for run in table["run"]])
+    return table
+
+
+def ranking_records(table: pd.DataFrame) -> list[dict]:
+    """The table as JSON-ready rows (missing numbers as null)."""
+    return [{key: (None if value is pd.NA or (isinstance(value, float) and math.isnan(value)) else
+                   value.item() if hasattr(value, "item") else value) for key, value in row.items()}
+            for row in table.astype(object).to_dict("records")]
+
+
+def evaluate_and_wait(run_dirs: list[Path], checkpoints: bool = False, settings: EvaluationSettings | None = None,
+                      held_out_file: str | None = None, poll_s: float = 0.5) -> dict:
+    """Start the perplexity job a ranking needs (evaluations already stored are reused) and wait until it and
+    any job already computing some of them have ended; a failed job is raised with its sentence."""
+    import time
+
+    from .jobs import job_dir_for, job_sentence, job_state, list_jobs, start_perplexity
+    from .processes import LIVE_STATES
+
+    started = start_perplexity(ranking_tasks(run_dirs, checkpoints, settings, held_out_file), title="ranking")
+    waiting = {started["job"]} if started["job"] else set()
+    if started["running"]:
+        waiting |= {job["id"] for job in list_jobs(50) if job["kind"] == "perplexity" and job["state"] in LIVE_STATES}
+    while waiting:
+        states = {job_id: job_state(job_dir_for(job_id)) for job_id in waiting}
+        for job_id, state in states.items():
+            if state["state"] == "failed":
+                raise DashboardError(job_sentence(state))
+        waiting = {job_id for job_id, state in states.items() if state["state"] in LIVE_STATES}
+        time.sleep(poll_s if waiting else 0)
+    return started

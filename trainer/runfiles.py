@@ -102,7 +102,13 @@ def effective_status(run_dir: Path) -> dict | None:
 
 
 def request_stop(run_dir: Path) -> None:
-    """Ask a run to stop: a stop file (works across machines) and SIGTERM to its process group."""
+    """Ask a run to stop: a stop file (works across machines) and SIGTERM to its process group; a run waiting
+    in the run queue is cancelled there instead."""
     run_dir = Path(run_dir)
+    if (read_status(run_dir) or {}).get("waiting"):
+        from .runqueue import withdraw  # here, not at the top: runqueue reads run files through this module
+
+        if withdraw(run_dir):
+            return  # it waited in the run queue: cancelled there, it never starts
     (run_dir / STOP_FILE).write_text(now_iso())
     stop_process_group(read_status(run_dir) or {})

@@ -4,7 +4,8 @@ It lives in files, like runs, so it survives a closed browser and a restarted se
 it: whoever sees a device fall idle starts its next run — the trainer as it ends, the Train page when it
 loads — under one lock, so a run starts exactly once however many of them look at the same moment.
 
-- `loras/.queue.json`: the order, `{"runs": [{"name", "device", "queued_at"}, ...]}` (FORMATS.md);
+- `loras/.queue.json`: the order, `{"runs": [{"name", "device", "queued_at", "mode", "checkpoint"}, ...]}`
+  (FORMATS.md);
 - a queued run's folder holds its `training_parameters.json` and a status.json with state `queued`,
   `waiting: true`, its `device` and no pid, so every reader lists it as queued (and no reader takes the
   missing process for a dead one).
@@ -85,16 +86,34 @@ def live_runs_on(device: str, run_dirs: list[Path]) -> list[str]:
     return busy
 
 
-def add(run_dir: Path, device: str) -> None:
-    """Put a prepared run folder (parameters written) at the end of the queue, with a waiting status."""
-    run_dir = Path(run_dir)
+def add(run_dir: Path, device: str, mode: str = "new", checkpoint: str = "latest") -> None:
+    """Put a prepared run folder (parameters written) at the end of the queue, with a waiting status.
+    `mode` "resume" (from `checkpoint`) makes the run resume when its turn comes; otherwise it starts anew."""
     with queue_lock():
-        entries = [e for e in read_queue() if e["name"] != run_dir.name]
-        entries.append({"name": run_dir.name, "device": device, "queued_at": now_iso()})
-        write_json_atomic(run_dir / STATUS_FILE, {
-            **(read_status(run_dir) or {}), "state": "queued", "waiting": True, "device": device, "pid": None,
-            "pid_start_time": None, "queued_at": entries[-1]["queued_at"], "finished_at": None, "error": None})
-        _write_queue(entries)
+        append_locked(Path(run_dir), device, mode, checkpoint)
+
+
+def append_locked(run_dir: Path, device: str, mode: str = "new", checkpoint: str = "latest") -> None:
+    """`add`, for a caller that already holds the queue lock."""
+    entries = [e for e in read_queue() if e["name"] != run_dir.name]
+    entry = {"name": run_dir.name, "device": device, "queued_at": now_iso(), "mode": mode}
+    if mode == "resume":
+        entry["checkpoint"] = checkpoint
+    entries.append(entry)
+    write_json_atomic(run_dir / STATUS_FILE, {
+        **(read_status(run_dir) or {}), "state": "queued", "waiting": True, "device": device, "pid": None,
+        "pid_start_time": None, "queued_at": entry["queued_at"], "finished_at": None, "error": None})
+    _write_queue(entries)
+
+
+def entry(name: str) -> dict | None:
+    """A run's queue entry (name, device, queued_at, mode, checkpoint), or None when it is not queued."""
+    return next((e for e in read_queue() if e["name"] == name), None)
+
+
+def waiting_for(device: str) -> list[str]:
+    """The runs queued for hardware `device` shares, in order."""
+    return [e["name"] for e in read_queue() if devices_meet(e["device"], device)]
 
 
 def position(name: str) -> int | None:
@@ -126,16 +145,26 @@ def move(name: str, offset: int) -> None:
 def cancel(run_dir: Path) -> None:
     """Take a run out of the queue; its folder stays, with state `stopped` (it never started)."""
     run_dir = Path(run_dir)
+    if not withdraw(run_dir):
+        raise DashboardError(f"{run_dir.name} is not in the queue.")
+
+
+def withdraw(run_dir: Path) -> bool:
+    """Cancel a run if it is queued or waiting (Stop on a queued run); False when it is neither (it has
+    started, or was never queued: the caller stops its process as usual)."""
+    run_dir = Path(run_dir)
     with queue_lock():
         entries = read_queue()
-        if not any(e["name"] == run_dir.name for e in entries):
-            raise DashboardError(f"{run_dir.name} is not in the queue.")
-        _write_queue([e for e in entries if e["name"] != run_dir.name])
+        queued = any(e["name"] == run_dir.name for e in entries)
+        if queued:
+            _write_queue([e for e in entries if e["name"] != run_dir.name])
         status = read_status(run_dir) or {}
         if is_waiting(status):
             write_json_atomic(run_dir / STATUS_FILE, {
                 **status, "state": "stopped", "waiting": False, "finished_at": now_iso(),
                 "reason": "cancelled in the queue before it started"})
+            return True
+        return queued
 
 
 def take(name: str) -> dict | None:
@@ -146,6 +175,17 @@ def take(name: str) -> dict | None:
         if entry is not None:
             _write_queue([e for e in entries if e["name"] != name])
         return entry
+
+
+def start_one(name: str, start: Callable[[Path], object], run_dirs: Callable[[], list[Path]]) -> None:
+    """Start one queued run now, whatever runs on its device ("start now"), under the queue lock: it starts
+    once even when its device falls idle at the same moment."""
+    with queue_lock():
+        run_dir = next((p for p in run_dirs() if p.name == name), None)
+        if run_dir is None or entry(name) is None or not is_waiting(read_status(run_dir)):
+            raise DashboardError(f"{name} is not waiting in the queue.")
+        start(run_dir)
+        _write_queue([e for e in read_queue() if e["name"] != name])
 
 
 def start_next(start: Callable[[Path], object], run_dirs: Callable[[], list[Path]]) -> list[str]:

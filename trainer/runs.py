@@ -4,16 +4,18 @@ run folders. The Train and Evaluate pages call these; summaries of runs are in r
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from .errors import DashboardError
-from .home import check_name, home_dir, loras_dir
+from .home import CODE_ROOT, HOME_ENV, check_name, home_dir, loras_dir
 from .params import TrainingParameters
 from .processes import LIVE_STATES, launch_detached, process_identity
+from . import runqueue
 from .runfiles import (
-    LOG_FILE, PARAMS_FILE, STATUS_FILE, STOP_FILE, effective_status, now_iso, run_lock_file,
+    LOG_FILE, PARAMS_FILE, STATUS_FILE, STOP_FILE, effective_status, now_iso, read_status, run_lock_file,
 )
 from .storage import named_lock, write_json_atomic
 
@@ -37,6 +39,25 @@ def list_runs() -> list[Path]:
 def is_live(run_dir: Path) -> bool:
     status = effective_status(run_dir)
     return bool(status) and status.get("state") in LIVE_STATES
+
+
+def live_runs() -> list[str]:
+    """The names of the runs queued or running now, read from their files; sorted by name, so a list of them
+    does not reorder itself as their folders are written."""
+    return sorted(run.name for run in list_runs() if is_live(run))
+
+
+def busy_device_warning(live: list[str], gpus: int) -> str | None:
+    """What Start says while other runs are live: they share this machine's device with a new one (a warning,
+    not a refusal: two small runs fit; a large one may not)."""
+    if not live:
+        return None
+    device = "the CPU" if gpus == 0 else "the GPU" if gpus == 1 else "the GPUs"
+    if len(live) == 1:
+        return (f"{live[0]} is already running on {device}; a second run at once will share the device and may run "
+                f"out of memory.")
+    return (f"{', '.join(live)} are already running on {device}; another run at once will share the device and may "
+            f"run out of memory.")
 
 
 def backup_name(run_dir: Path) -> Path:
@@ -66,19 +87,50 @@ def trainer_command(run_dir: Path, processes: int = 1) -> list[str]:
             "-m", "trainer", "train", "--run-dir", str(run_dir)]
 
 
-def multi_node_commands(run_dir: Path, nodes: int, processes_per_node: int, endpoint: str) -> list[str]:
-    """The command to run on each machine for a run folder on shared storage (node 0 hosts the rendezvous)."""
-    commands = []
-    for node in range(nodes):
-        commands.append(
-            f"LORA_DASHBOARD_HOME={home_dir()} python -m torch.distributed.run --nnodes {nodes} "
-            f"--node_rank {node} --nproc_per_node {processes_per_node} --rdzv_backend c10d "
-            f"--rdzv_endpoint {endpoint} --rdzv_id {run_dir.name} -m trainer train --run-dir {run_dir}")
-    return commands
+def free_run_name(prefix: str = "my-lora") -> str:
+    """The name a fresh form suggests: the first of PREFIX-1, PREFIX-2, ... that no folder under loras/ has."""
+    n = 1
+    while (loras_dir() / f"{prefix}-{n}").exists():
+        n += 1
+    return f"{prefix}-{n}"
 
 
-def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "latest") -> Path:
-    """Write the run folder and start `python -m trainer train` in its own process session.
+def multi_node_commands(run_dir: Path | None, nodes: int, processes_per_node: int, endpoint: str) -> list[str]:
+    """The command to run on each machine for a run folder on shared storage (node 0 hosts the rendezvous).
+
+    Each runs this environment's python from this checkout; without a run folder (no name typed yet) the
+    commands name a placeholder `NAME`, never another run."""
+    run_dir = run_dir if run_dir is not None else loras_dir() / "NAME"
+    prefix = (f"cd {shlex.quote(str(CODE_ROOT))} && {HOME_ENV}={shlex.quote(str(home_dir()))} "
+              f"{shlex.quote(sys.executable)} -m torch.distributed.run")
+    return [f"{prefix} --nnodes {nodes} --node_rank {node} --nproc_per_node {processes_per_node} "
+            f"--rdzv_backend c10d --rdzv_endpoint {shlex.quote(endpoint)} --rdzv_id {shlex.quote(run_dir.name)} "
+            f"-m trainer train --run-dir {shlex.quote(str(run_dir))}" for node in range(nodes)]
+
+
+def write_multi_node_run(params: TrainingParameters, nodes: int, processes_per_node: int) -> Path:
+    """Write the run folder that the machines' commands start: its training_parameters.json with processes =
+    machines x processes per machine (checked again, the batch included). Never over an existing run."""
+    stored = TrainingParameters.from_dict({**params.to_dict(), "num_processes": int(nodes) * int(processes_per_node)})
+    stored.validate()
+    run_dir = run_dir_for(stored.lora_name)
+    try:
+        with named_lock(run_lock_file(run_dir)):
+            if run_dir.exists():
+                raise DashboardError(f"A LoRA named {run_dir.name} already exists; choose another name for the "
+                                     f"machines' run.", field="lora_name")
+            run_dir.mkdir(parents=True)
+            stored.write(run_dir / PARAMS_FILE)
+    except OSError as exc:
+        raise DashboardError(f"Cannot write the run folder {run_dir}: {exc.strerror or exc}. Is the home folder "
+                             f"writable and the disk not full?") from None
+    return run_dir
+
+
+def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "latest", beside: bool = False) -> Path:
+    """Write the run folder and start `python -m trainer train` in its own process session, or, while its
+    device is busy (a run live on it, or runs already waiting for it), put it in the run queue
+    (trainer/runqueue.py): it starts when its turn comes. `beside` starts it at once next to the live run.
 
     mode "new" refuses an existing name; "overwrite" first moves the old folder to a dated backup;
     "resume" continues the existing run from `checkpoint` with its stored parameters.
@@ -96,7 +148,7 @@ def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "lat
     if not os.access(loras_dir(), os.W_OK):
         raise DashboardError(f"The folder {loras_dir()} is read-only; nothing can be trained into it.")
     try:
-        return _launch_locked(params, mode, checkpoint, run_dir)
+        queued_behind_idle = _launch_locked(params, mode, checkpoint, run_dir, beside)
     except OSError as exc:
         # os.access can say yes and a write still fail (root on a read-only mount, a full disk, a file where
         # a folder should be): the page shows a sentence, not a traceback.
@@ -104,9 +156,13 @@ def launch(params: TrainingParameters, mode: str = "new", checkpoint: str = "lat
             f"Cannot write the run folder {run_dir}: {exc.strerror or exc}"
             f"{f' ({exc.filename})' if exc.filename else ''}. Is the home folder writable and the disk not full?"
         ) from None
+    if queued_behind_idle:
+        start_waiting_runs()  # its device is idle, but others were waiting first: the first of them starts
+    return run_dir
 
 
-def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_dir: Path) -> Path:
+def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_dir: Path, beside: bool) -> bool:
+    """Prepare the folder and start or queue the run; True when it was queued on an idle device."""
     with named_lock(run_lock_file(run_dir)):  # two Start clicks at once: the second sees the first's run
         if run_dir.exists():
             if is_live(run_dir):
@@ -119,23 +175,108 @@ def _launch_locked(params: TrainingParameters, mode: str, checkpoint: str, run_d
                 run_dir.rename(backup_name(run_dir))
         elif mode == "resume":
             raise DashboardError(f"There is no run named {run_dir.name} to resume.", field="lora_name")
-        run_dir.mkdir(exist_ok=mode == "resume")
-        if mode != "resume":
-            params.write(run_dir / PARAMS_FILE)
-        (run_dir / STOP_FILE).unlink(missing_ok=True)
-        stored = params if mode != "resume" else TrainingParameters.from_file(run_dir / PARAMS_FILE)
-        command = trainer_command(run_dir, stored.num_processes)
         if mode == "resume":
             from .checkpoints import find_checkpoint
 
-            command += ["--resume", find_checkpoint(run_dir, checkpoint).name]
-        process = launch_detached(command, run_dir / LOG_FILE, header=f"{now_iso()} {mode}")
-        previous = effective_status(run_dir) or {}
-        write_json_atomic(run_dir / STATUS_FILE, {
-            **({k: previous[k] for k in ("started_at", "total_steps", "step") if k in previous}
-               if mode == "resume" else {}),
-            "state": "queued", **process_identity(process.pid),
-            "started_at": previous.get("started_at") if mode == "resume" else now_iso(),
-            "finished_at": None, "error": None,
-        })
+            checkpoint = find_checkpoint(run_dir, checkpoint).name  # a missing checkpoint is refused now
+        run_dir.mkdir(exist_ok=mode == "resume")
+        if mode != "resume":
+            params.write(run_dir / PARAMS_FILE)
+        start_mode = "resume" if mode == "resume" else "new"
+        device = runqueue.device_for(TrainingParameters.from_file(run_dir / PARAMS_FILE).num_processes)
+        if beside:
+            _start_locked(run_dir, start_mode, checkpoint, device)
+            return False
+        with runqueue.queue_lock():  # the device's state and the queue are read and changed at one time
+            waiting = runqueue.waiting_for(device)
+            if waiting or live_on_device(device):
+                runqueue.append_locked(run_dir, device, start_mode, checkpoint)
+                return not live_on_device(device)
+            _start_locked(run_dir, start_mode, checkpoint, device)
+    return False
+
+
+def start_prepared(run_dir: Path, mode: str = "new", checkpoint: str = "latest") -> Path:
+    """Start the trainer on a prepared run folder (its parameters written), under the run lock: mode "new"
+    trains from the start, "resume" continues from `checkpoint`. Used for runs that waited in the queue."""
+    run_dir = Path(run_dir)
+    if mode not in ("new", "resume"):
+        raise DashboardError(f"Unknown start mode {mode!r}.")
+    try:
+        with named_lock(run_lock_file(run_dir)):
+            status = effective_status(run_dir) or {}
+            if status.get("state") in LIVE_STATES and not runqueue.is_waiting(status):
+                raise DashboardError(f"{run_dir.name} is already running.", field="lora_name")
+            processes = TrainingParameters.from_file(run_dir / PARAMS_FILE).num_processes
+            _start_locked(run_dir, mode, checkpoint, runqueue.device_for(processes))
+    except OSError as exc:
+        raise DashboardError(f"Cannot start {run_dir.name}: {exc.strerror or exc}.") from None
     return run_dir
+
+
+def _start_locked(run_dir: Path, mode: str, checkpoint: str, device: str) -> None:
+    """Launch the trainer for a prepared folder (the caller holds the run lock) and write `queued` with its
+    process and device (runqueue reads the device to tell a busy one)."""
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    command = trainer_command(run_dir, TrainingParameters.from_file(run_dir / PARAMS_FILE).num_processes)
+    if mode == "resume":
+        from .checkpoints import find_checkpoint
+
+        command += ["--resume", find_checkpoint(run_dir, checkpoint).name]
+    previous = read_status(run_dir) or {}
+    process = launch_detached(command, run_dir / LOG_FILE, header=f"{now_iso()} {mode}")
+    write_json_atomic(run_dir / STATUS_FILE, {
+        **({k: previous[k] for k in ("started_at", "total_steps", "step") if k in previous}
+           if mode == "resume" else {}),
+        "state": "queued", **process_identity(process.pid), "device": device,
+        "started_at": previous.get("started_at") if mode == "resume" else now_iso(),
+        "finished_at": None, "error": None,
+    })
+
+
+def live_on_device(device: str) -> list[str]:
+    """The runs running (or being started) now on hardware `device` shares; runs waiting in the queue are not."""
+    return runqueue.live_runs_on(device, list_runs())
+
+
+def start_waiting_runs() -> list[str]:
+    """Start the next queued run of every idle device (the trainer calls it as a run ends, the Train page on
+    load); returns the names started. Safe to call from many processes at once: each run starts once."""
+    return runqueue.start_next(_start_queued, list_runs)
+
+
+def start_now(name: str) -> Path:
+    """Start a queued run at once, beside whatever runs on its device (the queue's "start now")."""
+    run_dir = run_dir_for(name)
+    runqueue.start_one(run_dir.name, _start_queued, list_runs)
+    return run_dir
+
+
+def _start_queued(run_dir: Path) -> None:
+    """Start a run as its queue entry says (a queued resume resumes from its checkpoint); the caller holds
+    the queue lock, and the entry is still in the queue file."""
+    queued = runqueue.entry(run_dir.name) or {}
+    start_prepared(run_dir, queued.get("mode", "new"), queued.get("checkpoint", "latest"))
+
+
+# Set by torchrun for its processes; a run started from one of them is a process tree of its own.
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                   "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
+                   "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE")
+
+
+def start_after_run_end() -> list[str]:
+    """Whoever finishes starts the next: the trainer (rank 0) calls this as its run ends, after the final
+    status is written and the run lock released. It never fails the run that ends: a problem is printed to
+    its log, and the queue goes on at the next page load or run end."""
+    try:
+        for name in DISTRIBUTED_ENV:  # the next run inherits this environment: it must not join this one
+            os.environ.pop(name, None)
+        started = start_waiting_runs()
+        if started:
+            print(f"[{time.strftime('%H:%M:%S')}] Started the next queued run: {', '.join(started)}.", flush=True)
+        return started
+    except Exception as exc:  # noqa: BLE001 - the run has ended; the queue must not change how
+        print(f"[{time.strftime('%H:%M:%S')}] Could not start the next queued run: {exc}", flush=True)
+        return []

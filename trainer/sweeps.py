@@ -119,3 +119,29 @@ def read_sweep_file(path: Path) -> tuple[TrainingParameters, dict[str, list[Any]
     swept = {name: parse_values(name, ",".join(map(str, values)) if isinstance(values, list) else values)
              for name, values in data["sweep"].items()}
     return TrainingParameters.from_dict(data["base"]), swept
+
+
+def launch_sweep(base: TrainingParameters, swept: dict[str, list[Any]], name: str | None = None) -> list[Path]:
+    """Build the grid, record it as experiment `name` (default: the base LoRA name; the runs are named after
+    it) and put every run in the run queue: the first starts at once when its device is idle. Nothing is
+    written when any run is invalid, or a run or the experiment name exists. Returns the run folders."""
+    from .runs import launch, run_dir_for
+
+    name = name or base.lora_name
+    base = TrainingParameters.from_dict({**base.to_dict(), "lora_name": name})
+    runs = grid(base, swept)
+    taken = [p.lora_name for p in runs if run_dir_for(p.lora_name).exists()]
+    if taken:
+        raise DashboardError(f"A LoRA named {', '.join(taken)} already exists; choose another sweep name.",
+                             field="lora_name")
+    if (experiments_dir() / f"{check_name(name, 'experiment name')}.json").exists():
+        raise DashboardError(f"An experiment named {name} already exists; choose another name.", field="lora_name")
+    record_experiment(name, swept, [p.lora_name for p in runs])
+    return [launch(params, mode="new") for params in runs]
+
+
+def experiment_run_dirs(name: str) -> list[Path]:
+    """The run folders of an experiment that exist, in the experiment's order."""
+    from .runs import run_dir_for
+
+    return [d for d in (run_dir_for(run) for run in read_experiment(name)["runs"]) if d.is_dir()]

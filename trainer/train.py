@@ -98,6 +98,11 @@ def train(run_dir: Path, resume: str | None = None) -> int:
         return 1
     finally:
         dist_info.close()
+        if dist_info.is_main:  # whoever finishes starts the next queued run; it never fails this one
+            from .runs import start_after_run_end
+
+            start_after_run_end()
+
 
 
 def _quiet_process(run_dir: Path) -> None:
