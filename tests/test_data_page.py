@@ -223,7 +223,7 @@ def test_upload_writes_into_datasets_and_never_overwrites_silently(home):
     assert guide.read_bytes() == b"replacement text"
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", ".hidden.txt", "data.csv", "nul\x00.txt"])
+@pytest.mark.parametrize("name", ["../escape.txt", ".hidden.txt", "data.xlsx", "nul\x00.txt"])
 def test_upload_refuses_unsafe_names(home, name):
     before = sorted(p.name for p in (home / "datasets").iterdir())
     at = open_page()
@@ -278,8 +278,9 @@ def test_the_options_of_each_kind_of_data_come_from_the_parameter_metadata():
 
     assert option_rows("raw") == [["cutoff_len", "overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"],
                                   ["add_eos_token", "add_bos_token"]]
-    assert option_rows("formatted") == [["format", "cutoff_len", "train_only_after", "overlong_samples"],
-                                        ["add_eos_token", "add_bos_token"]]
+    assert option_rows("formatted") == [
+        ["format", "cutoff_len", "train_only_after", "overlong_samples", "chat_template"],
+        ["add_eos_token", "add_bos_token", "train_last_turn_only"]]
 
 
 def test_one_rule_says_which_files_are_datasets(home):
@@ -287,18 +288,53 @@ def test_one_rule_says_which_files_are_datasets(home):
 
     datasets = home / "datasets"
     (datasets / "parts").mkdir()
-    for name in ("part10.txt", "Part2.TXT", "notes.md"):
+    for name in ("part10.txt", "Part2.TXT", "notes.md", "picture.png"):
         (datasets / "parts" / name).write_text("text", encoding="utf-8")
     (datasets / "no-text").mkdir()
     (datasets / "no-text" / "a.json").write_text("[]", encoding="utf-8")
     (datasets / "rows.jsonl").write_text('{"text": "a"}\n', encoding="utf-8")
     (datasets / "table.csv").write_text("a,b\n", encoding="utf-8")
+    (datasets / "sheet.xlsx").write_text("not a dataset", encoding="utf-8")
     (datasets / ".hidden.txt").write_text("text", encoding="utf-8")
     assert dataset_names("raw") == ["general-text.txt", "parts", "user-guide.txt"]
-    assert dataset_names("formatted") == ["dashboard-instructions.json", "rows.jsonl"]
+    assert dataset_names("formatted") == ["dashboard-instructions.json", "rows.jsonl", "table.csv"]
     assert dataset_names() == ["dashboard-instructions.json", "general-text.txt", "parts", "rows.jsonl",
-                               "user-guide.txt"]
+                               "table.csv", "user-guide.txt"]
     assert dataset_names("raw", folders=False) == ["general-text.txt", "user-guide.txt"]
-    assert [p.name for p in raw_text_files(datasets / "parts")] == ["Part2.TXT", "part10.txt"]  # natural order
-    assert [kind_by_ending(n) for n in ("a.txt", "a.JSON", "a.jsonl", "a.csv", "a")] == \
-        ["raw", "formatted", "formatted", None, None]
+    # natural order, case aside; Markdown is text, a picture is not
+    assert [p.name for p in raw_text_files(datasets / "parts")] == ["notes.md", "Part2.TXT", "part10.txt"]
+    assert [kind_by_ending(n) for n in ("a.txt", "a.md", "a.JSON", "a.jsonl", "a.csv", "a.parquet", "a.xlsx", "a")] \
+        == ["raw", "raw", "formatted", "formatted", "formatted", "formatted", None, None]
+
+
+# ---- a reload, and messages ----------------------------------------------------------------------
+def test_a_reload_keeps_the_data_pages_choices(home):
+    at = formatted(open_page(), "dashboard-instructions.json")
+    at.number_input(key="dp_cutoff_len").set_value(128)
+    at.text_input(key="dp_train_only_after").input("### Response:").run()
+    assert not at.exception and not errors(at), errors(at)
+
+    reloaded = open_page()  # a browser reload: a new session, its session state empty
+    assert reloaded.radio(key="dp_mode").value == "Formatted JSON"
+    assert reloaded.selectbox(key="dp_dataset_formatted").value == "dashboard-instructions.json"
+    assert reloaded.selectbox(key="dp_format").value == "alpaca-format"
+    assert reloaded.number_input(key="dp_cutoff_len").value == 128
+    assert reloaded.text_input(key="dp_train_only_after").value == "### Response:"
+    assert "tok-masked" in samples_html(reloaded)
+    # The Train form of the new session starts from the same saved values where it had them.
+    train = AppTest.from_file(str(PAGE.parent / "train.py"), default_timeout=120).run()
+    assert not train.exception, train.exception
+
+
+def test_an_upload_success_does_not_stay_under_a_later_error(home):
+    at = open_page()
+    at.file_uploader[0].set_value(("first.txt", b"Some text.\n", "text/plain")).run()
+    at.button(key="dp_up_save").click().run()
+    assert any("Saved datasets/first.txt" in s.value for s in at.success)
+    at.file_uploader[0].set_value(("second.txt", b"More text.\n", "text/plain")).run()
+    [box] = [t for t in at.text_input if t.label == "Save as"]
+    box.input("../second.txt").run()
+    assert errors(at), "the bad name is refused"
+    assert not at.success, [s.value for s in at.success]
+    at.button(key="dp_up_save").click().run()
+    assert errors(at) and not at.success, [s.value for s in at.success]

@@ -42,22 +42,35 @@ def is_live(run_dir: Path) -> bool:
 
 
 def live_runs() -> list[str]:
-    """The names of the runs queued or running now, read from their files; sorted by name, so a list of them
-    does not reorder itself as their folders are written."""
-    return sorted(run.name for run in list_runs() if is_live(run))
+    """The names of the runs running (or being started) now, read from their files; not those waiting in the
+    queue. Sorted by name, so a list of them does not reorder itself as their folders are written."""
+    return sorted(run.name for run in list_runs() if is_live(run) and not runqueue.is_waiting(effective_status(run)))
 
 
-def busy_device_warning(live: list[str], gpus: int) -> str | None:
-    """What Start says while other runs are live: they share this machine's device with a new one (a warning,
-    not a refusal: two small runs fit; a large one may not)."""
-    if not live:
+def waiting_runs() -> list[str]:
+    """The runs waiting in the queue, in queue order."""
+    return [entry["name"] for entry in runqueue.read_queue()]
+
+
+def device_words(device: str) -> str:
+    """ "the CPU", "GPU 0", "GPUs 0,1" for a device name of the queue."""
+    if device == "cpu":
+        return "the CPU"
+    gpus = device.split(":", 1)[1]
+    return f"GPU {gpus}" if "," not in gpus else f"GPUs {gpus}"
+
+
+def busy_device_warning(processes: int = 1, gpus: int | None = None) -> str | None:
+    """What Start says while other runs hold the device a new run of `processes` processes would take: a new
+    run waits in the queue until they end (a warning, not a refusal)."""
+    device = runqueue.device_for(processes, gpus)
+    busy = live_on_device(device)
+    if not busy:
         return None
-    device = "the CPU" if gpus == 0 else "the GPU" if gpus == 1 else "the GPUs"
-    if len(live) == 1:
-        return (f"{live[0]} is already running on {device}; a second run at once will share the device and may run "
-                f"out of memory.")
-    return (f"{', '.join(live)} are already running on {device}; another run at once will share the device and may "
-            f"run out of memory.")
+    verb = "is" if len(busy) == 1 else "are"
+    return (f"{', '.join(busy)} {verb} already running on {device_words(device)}; a second run at once would share "
+            f"the device and may run out of memory, so Start puts this one in the queue: it starts when the device "
+            f"is free.")
 
 
 def backup_name(run_dir: Path) -> Path:

@@ -3,7 +3,7 @@
 Three things are done here once for every page:
 - `app_pages`: the pages app.py registers, so a page switches to another by its page object;
 - `keep_widget_values` / `set_widget_values`: the one rule by which a widget keeps its value while another
-  page is shown, and by which a script changes a widget's value;
+  page is shown and across a reload (the form file), and by which a script changes a widget's value;
 - `parameter_widget`: every training parameter drawn from its metadata in trainer/params.py (label, help,
   choices, number format), so a field looks and reads the same on the Data and the Train page.
 """
@@ -15,8 +15,10 @@ from typing import Any
 
 import streamlit as st
 
+from trainer.chattemplates import instruction_template_names
 from trainer.datafiles import dataset_names, format_names
 from trainer.errors import DashboardError
+from trainer.formstate import changed, read_form, restored, save_form
 from trainer.home import home_dir
 from trainer.models import list_models, load_tokenizer
 from trainer.params import DEFAULT_MODEL, FIELDS
@@ -25,9 +27,14 @@ VIEWS = Path(__file__).resolve().parent
 KEPT = "kept_widget_values"  # a plain session-state dict: Streamlit never cleans it up
 SENT_TO_TRAIN = "sent_to_train"  # options the Data page hands to the Train form
 DATA_OPTIONS = "data_options"  # the Data page's last options that previewed cleanly
+SAVED_FORM = "saved_form_values"  # what this session knows the form file holds
+# Streamlit keeps a widget's value while another page is shown (and a run that does not draw it) only when asked;
+# every widget `keep_widget_values` keeps is drawn with this.
+KEEP_WHILE_HIDDEN = "session"
+FLASH = "action_outcomes"  # slot -> (kind, text): an action's outcome, shown once
 CHOICE_SOURCES = {"models": list_models, "raw datasets": lambda: dataset_names("raw"),
                   "formatted datasets": lambda: dataset_names("formatted"), "datasets": dataset_names,
-                  "formats": format_names}
+                  "formats": format_names, "instruction templates": instruction_template_names}
 
 
 # ---- pages ---------------------------------------------------------------------------------------
@@ -61,19 +68,32 @@ def offered_options() -> dict[str, Any] | None:
     return st.session_state.get(DATA_OPTIONS)
 
 
-# ---- widget values that survive a page switch ------------------------------------------------------
-def keep_widget_values(defaults: dict[str, Any]) -> None:
+# ---- widget values that survive a page switch and a reload -----------------------------------------
+def keep_widget_values(defaults: dict[str, Any], *, baseline: dict[str, Any] | None = None,
+                       choices: dict[str, list] | None = None) -> None:
     """Call at the top of a page with every widget key it keeps, and each key's first value.
 
-    Streamlit deletes a widget's value at the end of a run that does not draw it (another page was shown,
-    or a rerun interrupted the run). Each run therefore re-assigns every key (Streamlit's documented
-    `st.session_state[k] = st.session_state[k]`), and keeps a copy in a plain session-state dict from which
-    a deleted key is put back.
+    Each such widget is drawn with `persist_state=KEEP_WHILE_HIDDEN`, so Streamlit keeps its value while
+    another page is shown; each run also keeps a copy of every value in a plain session-state dict, from which a
+    key that is gone all the same is put back (only then assigned: see below).
+
+    A reload starts a new session: its first values come from the form file (trainer/formstate.py) where they
+    fit the widget (`choices`: the options of a key that has fixed ones). Every value that changed is written
+    back; `baseline` (default: `defaults`) is what a key missing from the file stands for.
     """
     kept = st.session_state.setdefault(KEPT, {})
+    if SAVED_FORM not in st.session_state:  # a new session: a reload, a new tab, a restarted server
+        st.session_state[SAVED_FORM] = read_form()
+    saved = st.session_state[SAVED_FORM]
     for key, default in defaults.items():
-        value = st.session_state[key] if key in st.session_state else kept.get(key, default)
+        if key in st.session_state:
+            # Not assigned again: a value the script assigns is pushed into the browser's widget, and a run that
+            # was already under way when a person typed into a field would overwrite what they typed.
+            kept[key] = st.session_state[key]
+            continue
+        value = kept[key] if key in kept else restored(saved, key, default, (choices or {}).get(key))
         st.session_state[key] = kept[key] = value
+    _save_changes({key: kept[key] for key in defaults}, baseline if baseline is not None else defaults)
 
 
 def set_widget_values(values: dict[str, Any]) -> None:
@@ -81,6 +101,20 @@ def set_widget_values(values: dict[str, Any]) -> None:
     kept = st.session_state.setdefault(KEPT, {})
     for key, value in values.items():
         st.session_state[key] = kept[key] = value
+    _save_changes(values, {})
+
+
+def _save_changes(values: dict[str, Any], baseline: dict[str, Any]) -> None:
+    saved = st.session_state.setdefault(SAVED_FORM, {})
+    changes = changed(values, saved, baseline)
+    if changes:
+        save_form(changes)  # a home that cannot be written keeps the form for this session only
+        saved.update(changes)
+
+
+def field_choices(prefix: str) -> dict[str, list]:
+    """The fixed options of every parameter widget named PREFIX<parameter> (for `keep_widget_values`)."""
+    return {prefix + name: list(f.metadata["choices"]) for name, f in FIELDS.items() if f.metadata["choices"]}
 
 
 # ---- the parameter widget ------------------------------------------------------------------------
@@ -93,20 +127,19 @@ def parameter_widget(name: str, key: str, *, required: bool = False, preferred: 
     """
     field = FIELDS[name]
     meta = field.metadata
-    label, help_text = meta["label"], meta["help"]
+    label, kept = meta["label"], {"key": key, "help": meta["help"], "persist_state": KEEP_WHILE_HIDDEN}
     if meta["choices_from"]:
         options = _picker_options(meta["choices_from"], key, required, preferred)
-        st.selectbox(label, options, key=key, help=help_text, format_func=lambda value: value or "(none)")
+        st.selectbox(label, options, format_func=lambda value: value or "(none)", **kept)
     elif meta["choices"]:
-        st.selectbox(label, meta["choices"], key=key, help=help_text)
+        st.selectbox(label, meta["choices"], **kept)
     elif field.type == "bool":
-        st.checkbox(label, key=key, help=help_text)
+        st.checkbox(label, **kept)
     elif field.type in ("int", "float"):
         # No min/max on the widget: a value out of range is shown with its problem under the field.
-        st.number_input(label, key=key, step=1 if field.type == "int" else None, format=meta["format"],
-                        help=help_text)
+        st.number_input(label, step=1 if field.type == "int" else None, format=meta["format"], **kept)
     else:
-        st.text_input(label, key=key, help=help_text)
+        st.text_input(label, **kept)
     return st.container()
 
 
@@ -151,6 +184,18 @@ def get_tokenizer(model_name: str, trust_remote_code: bool = False):
 
 def show_error(exc: DashboardError) -> None:
     st.error(exc.message, icon="⚠️")
+
+
+def flash(slot: str, kind: str, text: str) -> None:
+    """Say the outcome of an action (an upload, a start) in the page's next run, where `show_flash(slot)` is
+    called, and only then: the next action's outcome replaces it, so no success stays under a later error."""
+    st.session_state.setdefault(FLASH, {})[slot] = (kind, text)
+
+
+def show_flash(slot: str) -> None:
+    kind, text = st.session_state.get(FLASH, {}).pop(slot, ("", ""))
+    if text:
+        {"success": st.success, "error": st.error, "warning": st.warning}.get(kind, st.info)(text)
 
 
 def home_caption() -> None:

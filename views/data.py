@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import html
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from views.common import (get_tokenizer, home_caption, keep_widget_values, offer_to_train, parameter_widget,
-                          send_to_train, set_widget_values, show_error, show_problems)
+from views.common import (KEEP_WHILE_HIDDEN, field_choices, flash, get_tokenizer, home_caption, keep_widget_values,
+                          offer_to_train, parameter_widget, send_to_train, set_widget_values, show_error, show_flash,
+                          show_problems)
+from trainer.charts import histogram
 from trainer.data import special_tokens
 from trainer.datafiles import DATASET_ENDINGS, kind_by_ending, save_dataset
 from trainer.errors import DashboardError
@@ -63,12 +64,12 @@ def save_upload(upload_key: str, name_key: str, replace_key: str) -> None:
     try:
         target = save_dataset(st.session_state.get(name_key, ""), data, bool(st.session_state.get(replace_key)))
     except DashboardError as exc:
-        st.session_state[KEY + "upload_message"] = ("error", exc.message)
+        flash("upload", "error", exc.message)
         return
     kind = kind_by_ending(target.name)
     mode = next(mode for mode, k in MODES.items() if k == kind)
     set_widget_values({KEY + "mode": mode, DATASET_KEYS[kind]: target.name})
-    st.session_state[KEY + "upload_message"] = ("success", f"Saved datasets/{target.name} ({len(data):,} bytes).")
+    flash("upload", "success", f"Saved datasets/{target.name} ({len(data):,} bytes).")
     st.session_state[KEY + "uploads"] = st.session_state.get(KEY + "uploads", 0) + 1  # a fresh, empty uploader
 
 
@@ -93,9 +94,7 @@ def upload_box() -> None:
             st.button("Save into datasets/", key=KEY + "up_save", on_click=save_upload,
                       args=(upload_key, name_key, replace_key),
                       disabled=exists and not st.session_state.get(replace_key, False))
-        message = st.session_state.pop(KEY + "upload_message", None)
-        if message:
-            (st.error if message[0] == "error" else st.success)(message[1])
+        show_flash("upload")
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -136,23 +135,6 @@ def legend(raw: bool) -> str:
         for k, text in items) + "</div>")
 
 
-def histogram(lengths: np.ndarray, cutoff: int) -> alt.LayerChart:
-    values, counts = np.unique(lengths, return_counts=True)  # one row per length, not per sample
-    top = max(cutoff, int(lengths.max()) if len(lengths) else 0)
-    x_scale = alt.Scale(domain=[0, top * 1.15], nice=False)  # room for the cutoff label right of its line
-    bins = alt.Bin(maxbins=40, extent=[0, top + 1])
-    bars = alt.Chart(pd.DataFrame({"tokens": values, "count": counts})).mark_bar().encode(
-        x=alt.X("tokens:Q", bin=bins, scale=x_scale, title="tokens per sample"),
-        y=alt.Y("sum(count):Q", title="samples"),
-        tooltip=[alt.Tooltip("tokens:Q", bin=bins, title="tokens"), alt.Tooltip("sum(count):Q", title="samples")])
-    marker = pd.DataFrame({"cutoff": [cutoff], "label": [f"cutoff {cutoff}"]})
-    rule = alt.Chart(marker).mark_rule(color="#d9480f", strokeDash=[5, 3], strokeWidth=2).encode(
-        x=alt.X("cutoff:Q", scale=x_scale))
-    text = alt.Chart(marker).mark_text(align="left", dx=4, dy=8, color="#d9480f", fontWeight="bold").encode(
-        x=alt.X("cutoff:Q", scale=x_scale), y=alt.value(0), text="label:N")
-    return alt.layer(bars, rule, text).properties(height=200)
-
-
 def show_metrics(items: list[tuple[str, str]]) -> None:
     for column, (name, value) in zip(st.columns(len(items)), items):
         column.metric(name, value)
@@ -175,11 +157,12 @@ def show_samples(preview, tokenizer, params: TrainingParameters) -> None:
     st.subheader("Samples")
     total = len(preview.samples)
     controls = st.columns([1, 1, 3])
-    size = controls[0].selectbox("Per page", PAGE_SIZES, key=KEY + "page_size")
+    size = controls[0].selectbox("Per page", PAGE_SIZES, key=KEY + "page_size", persist_state=KEEP_WHILE_HIDDEN)
     pages = page_range(total, size, 1)[0]
     if st.session_state.get(KEY + "page", 1) > pages:
         set_widget_values({KEY + "page": pages})
-    page = controls[1].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key=KEY + "page")
+    page = controls[1].number_input(f"Page (of {pages})", min_value=1, max_value=pages, step=1, key=KEY + "page",
+                                    persist_state=KEEP_WHILE_HIDDEN)
     with controls[2]:
         st.html(legend(preview.kind == "raw"))
     _, first, end = page_range(total, size, page)
@@ -211,13 +194,14 @@ def show_preview(preview, tokenizer, params: TrainingParameters) -> None:
 # ---- the page ------------------------------------------------------------------------------------
 st.title("Data")
 home_caption()
-keep_widget_values(widget_defaults())
+keep_widget_values(widget_defaults(), choices={**field_choices(KEY), KEY + "mode": list(MODES),
+                                                KEY + "page_size": list(PAGE_SIZES)})
 
 top = st.columns([2, 2, 3])
 with top[0]:
     parameter_widget("base_model", KEY + "model")
 with top[1]:
-    mode = st.radio("Data", list(MODES), key=KEY + "mode", horizontal=True,
+    mode = st.radio("Data", list(MODES), key=KEY + "mode", horizontal=True, persist_state=KEEP_WHILE_HIDDEN,
                     help="Raw text: .txt files cut into overlapping chunks. Formatted: JSON rows rendered through "
                          "a format file (or the chat template for rows with messages).")
 kind = MODES[mode]

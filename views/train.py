@@ -3,12 +3,16 @@ through its files (status.json, metrics.jsonl, train.log), so a reload or a seco
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import streamlit as st
 
-from views.common import (get_tokenizer, home_caption, keep_widget_values, offered_options, parameter_widget,
-                          set_widget_values, show_error, show_problems, take_sent_options)
+from views.common import (field_choices, flash, get_tokenizer, home_caption, keep_widget_values, offered_options,
+                          parameter_widget, set_widget_values, show_error, show_flash, show_problems,
+                          take_sent_options)
 from trainer.checkpoints import list_checkpoints
 from trainer.errors import DashboardError
+from trainer.formstate import GROUP_TITLES, fix_sentence, tab_marks
 from trainer.loss import loss_warning
 from trainer.params import FIELDS, GROUPS, TrainingParameters, read_and_check
 from trainer.preview import training_plan
@@ -17,11 +21,13 @@ from trainer.metrics import latest_train_line, metrics_frame
 from trainer.processes import LIVE_STATES
 from trainer.runfiles import LOG_FILE, PARAMS_FILE, effective_status, request_stop
 from trainer.storage import read_json
-from trainer.runs import launch, list_runs, multi_node_commands, run_dir_for
+from trainer.runs import (busy_device_warning, free_run_name, launch, list_runs, live_runs, multi_node_commands,
+                          run_dir_for, waiting_runs, write_multi_node_run)
 
-GROUP_TITLES = {"basic": "Basic", "data": "Data", "lora": "LoRA", "optimisation": "Optimisation",
-                "advanced": "Advanced"}
 KEY = "tp_"  # widget keys: tp_<parameter name>
+TABS = "form_tabs"  # the key of the form's tabs (their CSS class: st-key-form_tabs)
+SHOWN_RUN, ACTIVE_RUN = "shown_run", "active_run"  # the Runs panel's selectbox; the run last started here
+LOG_OPEN = "run_log_open"  # whether the shown run's log is open
 
 
 @st.cache_resource
@@ -37,13 +43,28 @@ def load_into_form(values: dict) -> None:
     set_widget_values({KEY + name: value for name, value in params.to_dict().items()})
 
 
+def follow_run(name: str) -> None:
+    """Show this run in the Runs panel below (drawn later in this run, so its selectbox can still be set)."""
+    st.session_state[ACTIVE_RUN] = st.session_state[SHOWN_RUN] = name
+
+
 st.title("Train")
 home_caption()
 gpu_count = visible_gpus()
 
 # ---- state: defaults (the Data page's last clean options first), copied parameters, sent options ------
-keep_widget_values({KEY + name: value for name, value in TrainingParameters.from_dict(
-    {**TrainingParameters().to_dict(), **(offered_options() or {})}).to_dict().items()})
+def first_form_values() -> tuple[dict, dict]:
+    """The form's first values (the Data page's last clean options over the defaults, a free name suggested)
+    and the baseline a value missing from the form file stands for. A reload starts from the saved form."""
+    suggested = free_run_name()
+    first = {**TrainingParameters().to_dict(), **(offered_options() or {})}
+    first = TrainingParameters.from_dict({**first, "lora_name": first["lora_name"] or suggested}).to_dict()
+    baseline = {**TrainingParameters().to_dict(), "lora_name": suggested}
+    return {KEY + n: v for n, v in first.items()}, {KEY + n: v for n, v in baseline.items()}
+
+
+first_values, baseline = first_form_values()
+keep_widget_values(first_values, baseline=baseline, choices=field_choices(KEY))
 sent = take_sent_options()
 if sent:
     load_into_form({**{name: st.session_state[KEY + name] for name in FIELDS}, **sent})
@@ -68,27 +89,49 @@ with st.sidebar:
         load_into_form({**{name: st.session_state[KEY + name] for name in FIELDS}, **offered_options()})
         st.rerun()
 
+# ---- everything above the runs panel: one container ------------------------------------------------
+# The runs panel at the bottom refreshes itself (a fragment). However many elements the form, the plan and the
+# start section draw, they are all inside this one container, so the panel keeps its place on the page: a panel
+# that moved between two runs of the page left its old copy beside the new one until the run ended (two
+# progress bars at once).
+above_the_runs = ExitStack()
+above_the_runs.enter_context(st.container())
 
-# ---- the form ----------------------------------------------------------------------------------
-slots: dict = {}
-tabs = st.tabs([GROUP_TITLES[g] for g in GROUPS])
-for group, tab in zip(GROUPS, tabs):
-    with tab:
-        names = [n for n, f in FIELDS.items() if f.metadata["group"] == group]
-        columns = st.columns(3)
-        for i, name in enumerate(names):
-            with columns[i % 3]:
-                slots[name] = parameter_widget(name, KEY + name)
-        if group == "optimisation" and gpu_count > 1:
-            st.caption(f"{gpu_count} GPUs are visible: set processes to {gpu_count} to use them all.")
-        if group == "advanced" and st.session_state.get(KEY + "trust_remote_code"):
-            st.warning("Trust remote code runs Python code from the model folder in the trainer. Tick it only for "
-                       "a model you trust.")
-        if group == "advanced" and st.session_state.get(KEY + "precision") != "full":
-            st.info("8-bit and 4-bit base models load through bitsandbytes; the LoRA itself trains in full "
-                    "precision (prepare_model_for_kbit_training).")
 
+# ---- the form: a tab with a problem is marked ------------------------------------------------------
+def mark_tabs(problems: list[DashboardError]) -> None:
+    """Mark each tab that holds a problem ("Data ⚠ 1") by a style rule, not by its label: tabs whose labels
+    change are new tabs to the browser, which then opens the first one, away from the field being fixed."""
+    rules = [f'.st-key-{TABS} [data-testid="stTab"][data-key="{i}"] p::after {{content: " {mark}"; color: #e03131}}'
+             for i, mark in enumerate(tab_marks(problems)) if mark]
+    st.html(f"<style>{' '.join(rules)}</style>")  # always drawn, so the page's layout does not change
+
+
+def draw_form(problems: list[DashboardError]) -> dict:
+    """Every parameter in its group's tab; returns the container under each field for its problems."""
+    slots: dict = {}
+    mark_tabs(problems)
+    for group, tab in zip(GROUPS, st.tabs([GROUP_TITLES[g] for g in GROUPS], key=TABS)):
+        with tab:
+            names = [n for n, f in FIELDS.items() if f.metadata["group"] == group]
+            columns = st.columns(3)
+            for i, name in enumerate(names):
+                with columns[i % 3]:
+                    slots[name] = parameter_widget(name, KEY + name)
+            if group == "optimisation" and gpu_count > 1:
+                st.caption(f"{gpu_count} GPUs are visible: set processes to {gpu_count} to use them all.")
+            if group == "advanced" and st.session_state.get(KEY + "trust_remote_code"):
+                st.warning("Trust remote code runs Python code from the model folder in the trainer. Tick it only "
+                           "for a model you trust.")
+            if group == "advanced" and st.session_state.get(KEY + "precision") != "full":
+                st.info("8-bit and 4-bit base models load through bitsandbytes; the LoRA itself trains in full "
+                        "precision (prepare_model_for_kbit_training).")
+    return slots
+
+
+# The values are checked before the form is drawn, so that each tab can be marked with the problems it holds.
 params, problems = read_and_check({name: st.session_state[KEY + name] for name in FIELDS})
+slots = draw_form(problems)
 show_problems(problems, slots)
 
 
@@ -103,6 +146,22 @@ def show_plan(plan: dict, params: TrainingParameters) -> None:
                    help="batch size / micro batch size micro-batches per optimiser step")
     cols[4].metric("Steps per epoch", plan["steps_per_epoch"])
     cols[5].metric("Total steps", plan["total_steps"])
+    disk = plan["footprint"].describe() if plan["footprint"] else f"Disk: not estimated ({plan['footprint_error']})"
+    st.caption(f"Warm-up {plan['warmup_steps']} of {plan['total_steps']} steps. {disk}")
+
+
+def show_plan_findings(plan: dict, slots: dict) -> None:
+    """The plan's refusals (errors: Start stays disabled) and warnings (Start stays enabled), each here, where
+    Start is, and under its field."""
+    for finding, draw in [(p, show_error) for p in plan["problems"]] + [(w, show_warning) for w in plan["warnings"]]:
+        draw(finding)
+        if finding.field in slots:
+            with slots[finding.field]:
+                draw(finding)
+
+
+def show_warning(warning: DashboardError) -> None:
+    st.warning(warning.message, icon="💡")
 
 
 st.subheader("Plan")
@@ -112,92 +171,102 @@ if params is not None and not any(p.field != "lora_name" for p in problems):
         with st.spinner("Preparing the samples..."):
             plan = training_plan(params, get_tokenizer(params.base_model, params.trust_remote_code))
         show_plan(plan, params)
-        if plan["problem"]:
-            st.error(plan["problem"])
-        else:
-            plan_ok = True
+        show_plan_findings(plan, slots)
+        plan_ok = not plan["problems"]
     except DashboardError as exc:
         show_error(exc)
 else:
-    st.info("Fix the fields marked above to see the plan.")
+    st.info(fix_sentence(problems))
 
 
 # ---- start ------------------------------------------------------------------------------------
-st.subheader("Start")
-name = st.session_state.get(KEY + "lora_name", "")
-mode = "new"
-existing = None
-if params is not None and not any(p.field == "lora_name" for p in problems):
+def start_mode(name: str) -> tuple[str, str]:
+    """How Start treats the typed name: new, or (an existing run) resume, overwrite or not at all; and the
+    checkpoint to resume from."""
     existing = run_dir_for(name)
-    if existing.exists():
-        status = effective_status(existing) or {}
-        if status.get("state") in LIVE_STATES:
-            st.warning(f"{name} is running now; follow it below.")
-        choice = st.radio(
-            f"A LoRA named {name} already exists ({status.get('state', 'no status')}).",
-            ["Choose another name", "Resume it from a checkpoint", "Overwrite it (the old folder is kept as a backup)"],
-            key="existing_choice")
-        mode = {"Choose another name": "none", "Resume it from a checkpoint": "resume"}.get(choice, "overwrite")
-checkpoint = "latest"
-if mode == "resume" and existing is not None:
+    if not existing.exists():
+        return "new", "latest"
+    state = (effective_status(existing) or {}).get("state", "no status")
+    choice = st.radio(
+        f"A LoRA named {name} already exists ({state}).",
+        ["Choose another name", "Resume it from a checkpoint", "Overwrite it (the old folder is kept as a backup)"],
+        key="existing_choice")
+    mode = {"Choose another name": "none", "Resume it from a checkpoint": "resume"}.get(choice, "overwrite")
+    if mode != "resume":
+        return mode, "latest"
     names = [c.name for c in list_checkpoints(existing)]
-    if names:
-        checkpoint = st.selectbox("Checkpoint", names[::-1], key="resume_checkpoint")
-    else:
+    if not names:
         st.error(f"{name} has no checkpoint to resume from.")
-        mode = "none"
+        return "none", "latest"
+    return "resume", st.selectbox("Checkpoint", names[::-1], key="resume_checkpoint")
 
-with st.expander("More than one machine"):
-    st.caption("For a run folder on storage every machine sees at the same path: start the run on each machine "
-               "with its command (node 0 hosts the rendezvous), then follow it below like any other run. "
-               "The batch size is the global batch: micro batch x accumulation x all processes.")
-    c1, c2, c3 = st.columns(3)
-    nodes = c1.number_input("Machines", min_value=2, max_value=64, value=2, key="mn_nodes")
-    per_node = c2.number_input("Processes (GPUs) per machine", min_value=1, max_value=16, value=gpu_count or 1,
-                               key="mn_per_node")
-    endpoint = c3.text_input("Node 0 address:port", value="node0:29500", key="mn_endpoint")
-    if name and not any(p.field == "lora_name" for p in problems):
+
+def more_than_one_machine(params: TrainingParameters | None, problems: list, name: str | None) -> None:
+    """The commands for a run over several machines, and the button that writes its run folder."""
+    with st.expander("More than one machine", key="multi_machine_open", on_change="rerun"):
+        st.caption("For a run folder on storage every machine sees at the same path: start the run on each machine "
+                   "with its command (node 0 hosts the rendezvous), then follow it below like any other run. "
+                   "The batch size is the global batch: micro batch x accumulation x all processes.")
+        c1, c2, c3 = st.columns(3)
+        nodes = int(c1.number_input("Machines", min_value=2, max_value=64, value=2, key="mn_nodes"))
+        per_node = int(c2.number_input("Processes (GPUs) per machine", min_value=1, max_value=16,
+                                       value=gpu_count or 1, key="mn_per_node"))
+        endpoint = c3.text_input("Node 0 address:port", value="node0:29500", key="mn_endpoint")
+        run_dir = run_dir_for(name) if name else None
         st.code("\n".join(f"# machine {i}\n{cmd}" for i, cmd in enumerate(
-            multi_node_commands(run_dir_for(name), int(nodes), int(per_node), endpoint))), language="bash")
-        if params is not None and not (run_dir_for(name) / PARAMS_FILE).exists():
+            multi_node_commands(run_dir, nodes, per_node, endpoint))), language="bash")
+        if run_dir is None:
+            st.caption("NAME stands for the LoRA name: type one in the Basic tab.")
+        elif params is not None and not (run_dir / PARAMS_FILE).exists():
             if st.button("Write the run folder for these machines", disabled=bool(problems)):
                 try:
-                    run_dir_for(name).mkdir(parents=True, exist_ok=False)
-                    stored = TrainingParameters.from_dict({**params.to_dict(), "num_processes": int(nodes * per_node)})
-                    stored.write(run_dir_for(name) / PARAMS_FILE)
-                    st.success(f"Wrote {run_dir_for(name) / PARAMS_FILE}; run the commands above.")
-                except OSError as exc:
-                    st.error(f"Cannot write {run_dir_for(name)}: {exc.strerror or exc}.")
+                    written = write_multi_node_run(params, nodes, per_node)
+                except DashboardError as exc:
+                    st.error(exc.message)
+                else:
+                    flash("machines", "success", f"Wrote {written / PARAMS_FILE}; run the commands above.")
+                    st.rerun()
+        show_flash("machines")
 
-can_start = params is not None and not problems and plan_ok and mode != "none"
-if st.button("Start training", type="primary", disabled=not can_start):
-    try:
-        run_dir = launch(params, mode=mode, checkpoint=checkpoint)
-        st.session_state["active_run"] = run_dir.name
-        st.toast(f"Started {run_dir.name}")
-    except DashboardError as exc:
-        st.error(exc.message)
+
+def running_now_note(name: str, live: list[str], processes: int) -> None:
+    """What runs now, beside Start: the typed name's own run, or the runs holding the device a new run would take.
+    (The runs panel reruns the page when a run starts or ends, so this is never stale.)"""
+    if name in live:
+        st.warning(f"{name} is running now; follow it below.")
+    elif warning := busy_device_warning(processes, gpu_count):
+        st.warning(warning)
+
+
+def start_section(params: TrainingParameters | None, problems: list, plan_ok: bool, live: list[str]) -> None:
+    st.subheader("Start")
+    name = st.session_state.get(KEY + "lora_name", "")
+    name_ok = params is not None and bool(name) and not any(p.field == "lora_name" for p in problems)
+    mode, checkpoint = start_mode(name) if name_ok else ("new", "latest")
+    more_than_one_machine(params, problems, name if name_ok else None)
+    running_now_note(name, live, params.num_processes if params is not None else 1)
+    can_start = params is not None and not problems and plan_ok and mode != "none"
+    if st.button("Start training", type="primary", disabled=not can_start):
+        try:
+            run_dir = launch(params, mode=mode, checkpoint=checkpoint)
+        except DashboardError as exc:
+            st.error(exc.message)
+        else:
+            follow_run(run_dir.name)
+            waits = run_dir.name in waiting_runs()
+            flash("start", "success", f"{run_dir.name} is in the queue: it starts when the device is free; it is shown "
+                                      f"under Runs below." if waits else
+                  f"Started {run_dir.name}; it is shown under Runs below.")
+            st.rerun()  # the page as it is now: the name taken, the run live, the panel following it
+    show_flash("start")
+
+
+live_now = (tuple(live_runs()), tuple(waiting_runs()))  # one answer for the whole page (start section, runs panel)
+start_section(params, problems, plan_ok, list(live_now[0]))
+above_the_runs.close()
 
 
 # ---- follow a run -----------------------------------------------------------------------------
-st.divider()
-st.subheader("Runs")
-runs = list_runs()
-if not runs:
-    st.caption("No runs yet.")
-    st.stop()
-live = [r.name for r in runs if (effective_status(r) or {}).get("state") in LIVE_STATES]
-names = [r.name for r in runs]
-default = st.session_state.get("active_run")
-if default not in names:
-    default = live[0] if live else names[0]
-# The options stay the plain names: a label that changes when a run starts or ends would make Streamlit
-# hand back the changed label instead of the chosen name.
-shown = st.selectbox("Run", names, index=names.index(default), key="shown_run")
-if live:
-    st.caption("Running now: " + ", ".join(live))
-
-
 def format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -205,13 +274,49 @@ def format_seconds(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def run_controls(run_name: str, run_dir, state: str) -> None:
+    """Stop for a live run; resume for a stopped or failed one that has a checkpoint."""
+    if state in LIVE_STATES:
+        if st.button("Stop", key=f"stop_{run_name}", help="Finish the current step, save the adapter and a "
+                                                            "checkpoint, then end as stopped."):
+            try:
+                request_stop(run_dir)
+                st.toast("Stop requested; the run ends after its current step.")
+            except OSError as exc:
+                st.error(f"Cannot write the stop request into {run_dir}: {exc.strerror or exc}.")
+    elif state in ("stopped", "failed") and list_checkpoints(run_dir):
+        if st.button("Resume from the newest checkpoint", key=f"resume_{run_name}"):
+            try:
+                launch(TrainingParameters.from_file(run_dir / PARAMS_FILE), mode="resume")
+                st.session_state[ACTIVE_RUN] = run_name
+            except DashboardError as exc:
+                st.error(exc.message)
+
+
+def run_log(run_dir, state: str) -> None:
+    """The end of train.log, in an expander whose state the page keeps (the browser forgot it at every refresh):
+    open at first for a failed run, then as the person left it. One key for every run shown: the browser reuses
+    the expander drawn for the run shown before, and a key per run made a click open that other run's log."""
+    log = run_dir / LOG_FILE
+    if not log.exists():
+        return
+    if LOG_OPEN not in st.session_state:
+        st.session_state[LOG_OPEN] = state == "failed"
+    with st.expander("Log (last 40 lines)", key=LOG_OPEN, on_change="rerun"):
+        st.code("\n".join(log.read_text(errors="replace").splitlines()[-40:]) or "(empty)", language=None)
+
+
 @st.fragment(run_every=2)
-def follow(run_name: str, listed_as_live: bool) -> None:
+def follow(run_name: str, live_when_drawn: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """The shown run, refreshed every two seconds from its files, and which runs are live now. When a run has
+    started or ended since the page was drawn, the whole page is drawn again (the start section says what runs);
+    the panel keeps its place on the page (see `above_the_runs`), so no copy of it is left behind."""
+    if (tuple(live_runs()), tuple(waiting_runs())) != live_when_drawn:
+        st.rerun(scope="app")
+    running_now = st.empty()  # filled last, after a Stop or Resume of this refresh
     run_dir = run_dir_for(run_name)
     status = effective_status(run_dir) or {}
     state = status.get("state", "unknown")
-    if (state in LIVE_STATES) != listed_as_live:
-        st.rerun(scope="app")  # the run started or ended: refresh the "Running now" line above
     frame = metrics_frame(run_dir)
     last = latest_train_line(frame)
     step, total = status.get("step") or 0, status.get("total_steps") or 0
@@ -232,26 +337,28 @@ def follow(run_name: str, listed_as_live: bool) -> None:
     chart = loss_chart(frame)
     if chart is not None:
         st.altair_chart(chart, width="stretch")
-    if state in LIVE_STATES:
-        if st.button("Stop", key=f"stop_{run_name}", help="Finish the current step, save the adapter and a "
-                                                            "checkpoint, then end as stopped."):
-            try:
-                request_stop(run_dir)
-                st.toast("Stop requested; the run ends after its current step.")
-            except OSError as exc:
-                st.error(f"Cannot write the stop request into {run_dir}: {exc.strerror or exc}.")
-    elif state in ("stopped", "failed") and list_checkpoints(run_dir):
-        if st.button("Resume from the newest checkpoint", key=f"resume_{run_name}"):
-            try:
-                stored = TrainingParameters.from_file(run_dir / PARAMS_FILE)
-                launch(stored, mode="resume")
-                st.session_state["active_run"] = run_name
-            except DashboardError as exc:
-                st.error(exc.message)
-    log = run_dir / LOG_FILE
-    if log.exists():
-        with st.expander("Log (last 40 lines)", expanded=state == "failed"):
-            st.code("\n".join(log.read_text(errors="replace").splitlines()[-40:]) or "(empty)", language=None)
+    run_controls(run_name, run_dir, state)
+    run_log(run_dir, state)
+    live, waiting = live_runs(), waiting_runs()
+    running_now.caption(("Running now: " + ", ".join(live) if live else "Nothing is running now.")
+                        + (" · Waiting in the queue: " + ", ".join(waiting) if waiting else ""))
 
 
-follow(shown, shown in live)
+def runs_panel(live: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """The run shown: the one just started here, else the one chosen, else a live one, else the newest."""
+    st.subheader("Runs")
+    names = [r.name for r in list_runs()]
+    if not names:
+        st.caption("No runs yet.")
+        return
+    if st.session_state.get(SHOWN_RUN) not in names:  # first drawn, or back from another page
+        wanted = st.session_state.get(ACTIVE_RUN)
+        st.session_state[SHOWN_RUN] = wanted if wanted in names else (live[0][0] if live[0] else names[0])
+    # The options stay the plain names: a label that changes when a run starts or ends would make Streamlit
+    # hand back the changed label instead of the chosen name.
+    follow(st.selectbox("Run", names, key=SHOWN_RUN), live)
+
+
+st.divider()
+with st.container():
+    runs_panel(live_now)
