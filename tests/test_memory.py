@@ -32,3 +32,19 @@ def test_parts_follow_the_parameters(home):
     fsdp = estimate(params(num_processes=2, batch_size=8, micro_batch_size=4, distributed_strategy="fsdp"))
     assert ddp.total == pytest.approx(2 * ddp.per_process) and fsdp.weights == pytest.approx(ddp.weights / 2)
     assert "RAM about" in base.describe() and "VRAM about" in gpu.describe()
+
+
+def test_the_plan_shows_the_memory_estimate_and_warns_when_it_will_not_fit(home, monkeypatch):
+    from trainer import memory
+
+    from .test_refusals import form, start_button, warnings
+
+    at = form(home, max_steps=6, warmup_steps=1)
+    caption = next(c.value for c in at.caption if c.value.startswith("Memory on the CPU"))
+    assert "RAM about" in caption and "free here" in caption and "VRAM about" in caption, caption
+    assert not any("needs about" in w for w in warnings(at))
+    monkeypatch.setattr(memory, "available_memory", lambda: {"cpu": 1e6})
+    at = form(home, max_steps=6, warmup_steps=1)
+    shown = [w for w in warnings(at) if w.startswith("This run needs about")]
+    assert shown and "only 1 MB is free" in shown[0], warnings(at)
+    assert not start_button(at).disabled  # a warning, not a refusal

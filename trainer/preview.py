@@ -132,5 +132,40 @@ def training_plan(params, tokenizer) -> dict[str, Any]:
             warnings.append(disk)
     except (DashboardError, OSError) as exc:
         plan["footprint"], plan["footprint_error"] = None, getattr(exc, "message", None) or str(exc)
+    plan["memory"], plan["memory_error"] = _memory(params, warnings)
     plan.update(tokens=preview.stats["tokens"], problems=problems, warnings=warnings)
     return plan
+
+
+def memory_sentence(plan: dict) -> str:
+    """The plan's memory line: the estimate for the CPU and for a GPU, beside what is free here."""
+    from .memory import size_text
+
+    found = plan.get("memory")
+    if not found:
+        return f"Memory: not estimated ({plan.get('memory_error')})."
+    free = found["free"]
+    gpu = f"; {size_text(free['cuda:0'])} free on GPU 0" if "cuda:0" in free else ""
+    return (f"Memory on the CPU: {found['cpu'].describe()}, {size_text(free['cpu'])} free here. On a GPU: "
+            f"{found['gpu'].describe()}{gpu}.")
+
+
+def _memory(params, warnings: list) -> tuple[dict | None, str | None]:
+    """The memory estimate for the CPU and a GPU (trainer/memory.py) with this machine's free memory, and a
+    warning when the run will not fit the device it runs on here."""
+    from . import memory
+
+    try:
+        found = {"cpu": memory.estimate(params, "cpu"), "gpu": memory.estimate(params, "gpu"),
+                 "free": memory.available_memory()}
+    except (DashboardError, OSError, ValueError) as exc:
+        return None, getattr(exc, "message", None) or str(exc)
+    device, free = ("gpu", found["free"]["cuda:0"]) if "cuda:0" in found["free"] else ("cpu", found["free"]["cpu"])
+    needed = found[device].per_process if device == "gpu" else found[device].total
+    if needed > free:
+        where = "GPU memory" if device == "gpu" else "memory"
+        warnings.append(DashboardError(
+            f"This run needs about {memory.size_text(needed)} of {where}, but only {memory.size_text(free)} is free "
+            f"here: lower the micro batch size or the cutoff, or turn on gradient checkpointing or a 4-bit base "
+            f"model.", field="micro_batch_size"))
+    return found, None

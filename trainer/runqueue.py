@@ -196,6 +196,8 @@ def start_next(start: Callable[[Path], object], run_dirs: Callable[[], list[Path
     start each run once: the second sees the first's run live and its device busy.
     """
     started = []
+    if not read_queue():
+        return started  # nothing waits: touch no file (a refused run leaves the home as it was)
     with queue_lock():
         entries = read_queue()
         folders = run_dirs()

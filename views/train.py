@@ -15,7 +15,7 @@ from trainer.errors import DashboardError
 from trainer.formstate import GROUP_TITLES, fix_sentence, tab_marks
 from trainer.loss import loss_warning
 from trainer.params import FIELDS, GROUPS, TrainingParameters, read_and_check
-from trainer.preview import training_plan
+from trainer.preview import memory_sentence, training_plan
 from trainer.charts import loss_chart
 from trainer.metrics import latest_train_line, metrics_frame
 from trainer.processes import LIVE_STATES
@@ -148,6 +148,7 @@ def show_plan(plan: dict, params: TrainingParameters) -> None:
     cols[5].metric("Total steps", plan["total_steps"])
     disk = plan["footprint"].describe() if plan["footprint"] else f"Disk: not estimated ({plan['footprint_error']})"
     st.caption(f"Warm-up {plan['warmup_steps']} of {plan['total_steps']} steps. {disk}")
+    st.caption(memory_sentence(plan))
 
 
 def show_plan_findings(plan: dict, slots: dict) -> None:
