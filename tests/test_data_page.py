@@ -338,3 +338,15 @@ def test_an_upload_success_does_not_stay_under_a_later_error(home):
     assert not at.success, [s.value for s in at.success]
     at.button(key="dp_up_save").click().run()
     assert errors(at) and not at.success, [s.value for s in at.success]
+
+
+def test_the_page_says_what_shape_it_recognised(home, tokenizer):
+    rows = [{"conversations": [{"from": "human", "value": "What is LoRA?"},
+                               {"from": "gpt", "value": "A small adapter trained on top of a model."}]}] * 3
+    (home / "datasets" / "chats.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    at = formatted(open_page(), "chats.jsonl")  # a format file chosen too: chat rows are read as chats anyway
+    want = build_samples(TrainingParameters.from_dict({"dataset": "chats.jsonl", "format": "alpaca-format"}),
+                         tokenizer)
+    assert want.shape and "ShareGPT" in want.shape
+    assert want.shape in [i.value for i in at.info], [i.value for i in at.info]
+    assert number(metrics(at)["Samples"]) == len(want.samples) == 3

@@ -32,6 +32,7 @@ SAVED_FORM = "saved_form_values"  # what this session knows the form file holds
 # every widget `keep_widget_values` keeps is drawn with this.
 KEEP_WHILE_HIDDEN = "session"
 FLASH = "action_outcomes"  # slot -> (kind, text): an action's outcome, shown once
+OPTIONAL_CHOICES = {"instruction templates": "(the model's own)"}  # pickers whose empty value means something
 CHOICE_SOURCES = {"models": list_models, "raw datasets": lambda: dataset_names("raw"),
                   "formatted datasets": lambda: dataset_names("formatted"), "datasets": dataset_names,
                   "formats": format_names, "instruction templates": instruction_template_names}
@@ -129,8 +130,12 @@ def parameter_widget(name: str, key: str, *, required: bool = False, preferred: 
     meta = field.metadata
     label, kept = meta["label"], {"key": key, "help": meta["help"], "persist_state": KEEP_WHILE_HIDDEN}
     if meta["choices_from"]:
-        options = _picker_options(meta["choices_from"], key, required, preferred)
-        st.selectbox(label, options, format_func=lambda value: value or "(none)", **kept)
+        source = meta["choices_from"]
+        # An empty chat template is a choice, never a gap: the model's own template.
+        required = required and source not in OPTIONAL_CHOICES
+        options = _picker_options(source, key, required, preferred)
+        empty = OPTIONAL_CHOICES.get(source, "(none)")
+        st.selectbox(label, options, format_func=lambda value: value or empty, **kept)
     elif meta["choices"]:
         st.selectbox(label, meta["choices"], **kept)
     elif field.type == "bool":

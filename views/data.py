@@ -179,6 +179,8 @@ def show_samples(preview, tokenizer, params: TrainingParameters) -> None:
 
 
 def show_preview(preview, tokenizer, params: TrainingParameters) -> None:
+    if preview.shape:
+        st.info(preview.shape, icon="🔎")  # what the rows were recognised as, and how they are read
     for row in preview_metrics(preview):
         show_metrics(row)
     caption = preview_caption(preview)
