@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from trainer.home import CODE_ROOT
 from trainer.params import TrainingParameters
 from trainer.runfiles import read_status
 
+from .test_queue_runs import kill_all
 from .trainhelpers import TINY_PARAMS, wait_for
 
 HELD_OUT = ("The queue starts the next run when one ends. A sweep tries every combination of the values it "
@@ -38,13 +38,7 @@ def sweep_home(home):
                                                                          "lora_rank": "4, 8"}}))
     yield home
     runqueue.queue_path().unlink(missing_ok=True)
-    for run_dir in (p for p in (home / "loras").iterdir() if p.is_dir()):
-        status = read_status(run_dir) or {}
-        if status.get("state") in ("queued", "running") and status.get("pid"):
-            try:
-                os.killpg(status["pid"], signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    kill_all(home)
 
 
 def test_a_2x2_sweep_from_the_command_line_runs_to_the_end_and_ranks_four_adapters(sweep_home):
