@@ -118,6 +118,8 @@ def test_reads_webui_style_values():
     assert params.hard_cut == "\n\n\n"
     assert params.validate() is params
     assert params.gradient_accumulation_steps == 32
+    # Its warm-up and eval steps count micro-batches: 100 of them are ceil(100 / 32) optimiser steps here.
+    assert (params.warmup_steps, params.eval_steps) == (4, 4)
 
 
 @pytest.mark.parametrize("flags, choice, custom", [
@@ -136,6 +138,94 @@ def test_webui_target_flags(flags, choice, custom):
 def test_explicit_target_modules_beat_webui_flags():
     params = TrainingParameters.from_dict({**VALID, "target_modules": "all-linear", "q_proj_en": True})
     assert params.target_modules == "all-linear"
+
+
+# The current webui's keys (its Training tab since March 2026), mapped by trainer/webui.py
+CURRENT_WEBUI = {"lora_name": "new-webui", "all_linear": True, "q_proj_en": True, "v_proj_en": True,
+                 "k_proj_en": False, "micro_batch_size": 4, "batch_size": 4, "dataset": "None", "format": "None",
+                 "text_dataset": "None", "stride_length": 256, "excess_length": "drop", "always_override": True,
+                 "report_to": "wandb", "cutoff_len": 512}
+
+
+@pytest.mark.parametrize("changes, choice, custom", [
+    ({}, "all-linear", ""),  # all_linear ignores the ticked flags, as the webui does
+    ({"all_linear": "true"}, "all-linear", ""),
+    ({"all_linear": False}, "q-v", ""),
+    ({"all_linear": "false", "k_proj_en": True, "o_proj_en": True}, "q-k-v-o", ""),
+    ({"all_linear": False, "up_proj_en": True, "down_proj_en": True}, "custom", "q_proj,v_proj,up_proj,down_proj"),
+    ({"all_linear": False, "q_proj_en": False, "v_proj_en": False}, "custom", ""),
+])
+def test_current_webui_target_modules(changes, choice, custom):
+    params = TrainingParameters.from_dict({**CURRENT_WEBUI, "dataset": "chat", **changes})
+    assert (params.target_modules, params.custom_target_modules) == (choice, custom)
+    if not custom and choice == "custom":  # nothing ticked: the webui refuses to start, and so does the form
+        assert [p.field for p in params.problems()] == ["custom_target_modules"]
+
+
+@pytest.mark.parametrize("format_value, chat_template", [
+    ("ChatML", "ChatML"), ("Custom template", "Custom template"), ("Chat Template", ""), ("None", ""),
+])
+def test_the_current_webuis_format_names_an_instruction_template(format_value, chat_template):
+    params = TrainingParameters.from_dict({**CURRENT_WEBUI, "dataset": "chat", "format": format_value})
+    assert (params.format, params.chat_template) == ("", chat_template)
+
+
+def test_an_older_webuis_format_is_a_format_file_and_our_own_keys_win():
+    old = {"lora_name": "old", "q_proj_en": True, "v_proj_en": True, "always_override": False,
+           "dataset": "alpaca-data", "format": "alpaca-format", "overlap_len": 64}
+    params = TrainingParameters.from_dict(old)
+    assert (params.format, params.chat_template, params.overlap_len) == ("alpaca-format", "", 64)
+    ours = TrainingParameters.from_dict({**CURRENT_WEBUI, "dataset": "chat", "format": "ChatML", "chat_template":
+                                         "Mistral", "overlap_len": 16, "overlong_samples": "truncate"})
+    assert (ours.chat_template, ours.overlap_len, ours.overlong_samples) == ("Mistral", 16, "truncate")
+
+
+def test_a_webui_text_dataset_is_a_text_rows_dataset_chunked_as_there(home):
+    params = TrainingParameters.from_dict({**CURRENT_WEBUI, "text_dataset": "dashboard-instructions",
+                                           "stride_length": 64, "excess_length": "truncate"})
+    # The bare webui name becomes the file the lists show; the stride is the overlap; cuts fall at exact token
+    # counts there, so no newline favour and no hard cut string.
+    assert params.dataset == "dashboard-instructions.json" and params.raw_text_file == ""
+    assert (params.overlap_len, params.newline_favor_len, params.hard_cut_string) == (64, 0, "")
+    assert params.overlong_samples == "truncate" and params.problems() == []
+    chosen = TrainingParameters.from_dict({**CURRENT_WEBUI, "dataset": "chat", "text_dataset": "texts"})
+    assert chosen.dataset == "chat" and chosen.newline_favor_len == 128  # a chat dataset (no such file here) wins
+    missing = TrainingParameters.from_dict({**CURRENT_WEBUI, "eval_dataset": "no-such-file"})
+    assert missing.eval_dataset == "no-such-file"  # left for the trainer to say it is not found
+
+
+def test_webui_step_counts_become_optimiser_steps():
+    base = {**CURRENT_WEBUI, "dataset": "chat", "save_steps": 10.0, "warmup_steps": 100.0, "eval_steps": 50}
+    assert [getattr(TrainingParameters.from_dict({**base, "batch_size": 32}), name)
+            for name in ("save_steps", "warmup_steps", "eval_steps")] == [2, 13, 7]
+    assert TrainingParameters.from_dict({**base, "batch_size": 4}).warmup_steps == 100  # no accumulation
+    with pytest.raises(DashboardError) as info:
+        TrainingParameters.from_dict({**base, "batch_size": 32, "warmup_steps": "soon"})
+    assert info.value.field == "warmup_steps"
+
+
+@pytest.mark.parametrize("optimizer, ours", [
+    ("adamw_torch_fused", "adamw_torch"), ("adamw_hf", "adamw_torch"), ("adamw_bnb_8bit", "adamw_bnb_8bit"),
+    ("adagrad", "adagrad"),  # no such optimiser here: refused with the choices
+])
+def test_webui_optimisers(optimizer, ours):
+    params = TrainingParameters.from_dict({**CURRENT_WEBUI, "dataset": "chat", "optimizer": optimizer})
+    assert params.optimizer == ours
+    assert [p.field for p in params.problems()] == ([] if ours in OPTIMIZERS else ["optimizer"])
+
+
+def test_reading_a_webui_file_keeps_none_of_its_keys_and_reading_again_changes_nothing():
+    from trainer.webui import WEBUI_ONLY_KEYS, is_webui_parameters, read_webui_parameters
+
+    data = {**CURRENT_WEBUI, "dataset": "chat", "format": "ChatML", "batch_size": 32, "warmup_steps": 100}
+    mapped = read_webui_parameters(data)
+    assert not is_webui_parameters(mapped) and not set(WEBUI_ONLY_KEYS) & set(mapped)
+    assert not [key for key in mapped if key.endswith("_proj_en")]
+    assert read_webui_parameters(mapped) == mapped and data["format"] == "ChatML"  # the input is left as it was
+    once = TrainingParameters.from_dict(data)
+    assert TrainingParameters.from_dict(once.to_dict()) == once
+    ours = valid().to_dict()
+    assert read_webui_parameters(ours) == ours
 
 
 @pytest.mark.parametrize("name, value", [
@@ -220,7 +310,9 @@ json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floa
                                    "1e999", " 7 ", "", "None", "0x10", "1_000"]))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-field_names = st.sampled_from(sorted(FIELDS) + ["q_proj_en", "v_proj_en", "k_proj_en", "gate_proj_en", "nope"])
+field_names = st.sampled_from(sorted(FIELDS) + ["q_proj_en", "v_proj_en", "k_proj_en", "gate_proj_en", "nope",
+                                                "all_linear", "text_dataset", "stride_length", "excess_length",
+                                                "always_override"])
 choice_values = st.sampled_from(SCHEDULERS + OPTIMIZERS + ["q-v", "custom", "all-linear", "drop", "4bit", "nf4"])
 
 

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from .errors import DashboardError
 from .home import check_name
+from .webui import read_webui_parameters
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -198,15 +199,15 @@ class TrainingParameters:
     # ---- conversion -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingParameters":
-        """Build from a dict as stored in training_parameters.json (ours or the webui's).
+        """Build from a dict as stored in training_parameters.json (ours or the webui's, whose keys
+        trainer/webui.py maps onto ours).
 
         Values are coerced (the webui stores numbers as strings such as "3e-4"); a value that cannot be
         read raises DashboardError naming the field. Unknown keys are ignored.
         """
         if not isinstance(data, dict):
             raise DashboardError("Training parameters must be a JSON object.")
-        data = dict(data)
-        _read_webui_targets(data)
+        data = read_webui_parameters(data)
         values = {}
         for f in dataclasses.fields(cls):
             if f.name in data and data[f.name] is not None:
@@ -432,19 +433,3 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 
 # The fields naming a file in datasets/ or formats/.
 _PATH_FIELDS = {name for name, f in FIELDS.items() if f.metadata["choices_from"] not in (None, "models")}
-
-
-def _read_webui_targets(data: dict[str, Any]) -> None:
-    """The webui stores target modules as q_proj_en, k_proj_en, ... booleans; map them to our choice."""
-    if "target_modules" in data:
-        return
-    flags = {k[: -len("_en")]: v for k, v in data.items() if k.endswith("_proj_en")}
-    if not flags:
-        return
-    chosen = [name for name, on in flags.items() if on in (True, "true", "True", 1)]
-    for choice, modules in TARGET_MODULE_CHOICES.items():
-        if isinstance(modules, list) and sorted(modules) == sorted(chosen):
-            data["target_modules"] = choice
-            return
-    data["target_modules"] = "custom"
-    data["custom_target_modules"] = ",".join(chosen)

@@ -17,11 +17,13 @@ import pandas as pd
 
 from .adapters import ADAPTER_WEIGHTS
 from .checkpoints import CHECKPOINT_PREFIX
-from .datafiles import dataset_names, load_format, load_rows, raw_text_files, read_text_file, render
+from .datafiles import (dataset_names, find_dataset, kind_by_ending, load_format, load_rows, raw_text_files,
+                        read_text_file, render)
 from .errors import DashboardError
-from .home import datasets_dir, home_dir, resolve_inside, resolve_user_path
+from .home import home_dir, resolve_user_path
 from .runfiles import now_iso
 from .runtable import run_base_model, run_parameters, run_summary
+from .shapes import Unmatched, recognise
 from .storage import append_jsonl, iter_jsonl, lock_beside, named_lock, rewrite_jsonl, write_text_atomic
 
 RESULTS_FILE = "perplexity.jsonl"
@@ -204,44 +206,59 @@ def checkpoint_results(run_dir: Path, records: list[dict] | None = None) -> pd.D
 
 
 def text_file_names() -> list[str]:
-    """The .txt files directly under datasets/, by name."""
+    """The text files directly under datasets/ and a webui's training/datasets/, by name (`find_dataset` finds
+    each)."""
     return dataset_names("raw", folders=False)
 
 
 def _rendered_rows(run_dir: Path, path: Path, params: dict) -> str:
-    """Every row of a formatted data set rendered through the run's format file (unmatched rows left out)."""
-    rows = load_rows(path)
-    if not params.get("format"):
-        raise DashboardError(f"{Path(run_dir).name} trained on {path.name} without a format file (chat messages); "
-                             f"choose a .txt text instead.")
-    fmt = load_format(resolve_user_path(str(params["format"]), "format"))
-    texts = [render(matched[1], row) for row in rows if (matched := fmt.match(row))]
-    if not texts:
+    """The text of every row of a rows dataset, recognised as the trainer recognises it (trainer/shapes.py):
+    format-file records rendered through the run's format file, text rows and prompt/completion text as they
+    are. Chat rows are left out: their text depends on the chat template and the model's tokenizer."""
+    fmt = load_format(resolve_user_path(str(params["format"]), "format")) if params.get("format") else None
+    texts, chats = [], 0
+    for row in load_rows(path):
+        shape = recognise(row, fmt)
+        if isinstance(shape, Unmatched):
+            chats += shape.chat
+        elif shape.shape == "format":
+            texts.append(render(shape.template, row))
+        elif shape.text is not None:
+            texts.append(shape.text)
+        else:
+            chats += 1
+    if texts:
+        return "\n\n".join(texts)
+    name = Path(run_dir).name
+    if chats:
+        raise DashboardError(f"{name} trained on chat rows ({path.name}), whose text depends on the chat template; "
+                             f"evaluate on a .txt file or a pasted held-out text instead.")
+    if fmt is not None:
         raise DashboardError(f"No row of {path.name} matches the format {params['format']}.")
-    return "\n\n".join(texts)
+    raise DashboardError(f"{name} trained on {path.name} without a format file, and none of its rows is text, "
+                         f"prompt/completion or a chat; evaluate on a .txt file instead.")
 
 
 def run_data_text(run_dir: Path, which: str = "train") -> str:
     """The text a run trained on (which="train") or was evaluated on ("eval"), as one string.
 
-    Raw text: the file or the folder's files joined by blank lines. Formatted data: every row rendered
-    through the run's format file (rows matching no key are left out), joined by blank lines.
+    Raw text: the file or the folder's files joined by blank lines. Rows: the text of each row (`_rendered_rows`;
+    rows matching no key of the format file are left out, as the trainer leaves them), joined by blank lines.
     """
     params = run_parameters(run_dir)
     if which == "train":
         name, is_raw = (params.get("raw_text_file"), True) if not params.get("dataset") else (params["dataset"], False)
     elif which == "eval":
         name = params.get("eval_dataset")
-        is_raw = bool(name) and str(name).lower().endswith(".txt")
+        is_raw = bool(name) and kind_by_ending(str(name)) == "raw"
     else:
         raise DashboardError(f"Unknown data part {which!r}.")
     if not name:
         raise DashboardError(f"{Path(run_dir).name} has no {'training' if which == 'train' else 'eval'} data set.")
+    # Resolved as the trainer resolved it: a path, or a name in datasets/ then a webui's training/datasets/.
     path = resolve_user_path(str(name), "dataset")
-    if is_raw or path.is_dir():
+    if is_raw or path.is_dir() or kind_by_ending(path.name) == "raw":
         return "\n\n".join(read_text_file(p) for p in raw_text_files(path))
-    if path.suffix.lower() == ".txt":
-        return read_text_file(path)
     return _rendered_rows(run_dir, path, params)
 
 
@@ -275,7 +292,7 @@ def text_to_evaluate(source: str, run_dir: Path, file_name: str | None = None,
     if source == TEXT_FROM_FILE:
         if not file_name:
             raise DashboardError("There is no .txt file in datasets/.")
-        return resolve_inside(datasets_dir(), file_name, "text file"), file_name
+        return find_dataset(file_name), file_name  # listed from datasets/ and a webui's training/datasets/
     if source == TEXT_FROM_TRAINING:
         return save_text(run_data_text(run_dir, "train"), f"{name}-train"), f"{name}: training data"
     if source == TEXT_FROM_EVAL:

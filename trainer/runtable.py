@@ -23,6 +23,7 @@ from .processes import LIVE_STATES
 from .runfiles import METRICS_FILE, PARAMS_FILE, STATUS_FILE, effective_status
 from .runs import list_runs
 from .storage import read_json
+from .webui import read_webui_parameters
 
 # status.json's flag for a run the trainer ended because its loss or gradient norm blew up (state failed).
 DIVERGED_FIELD = "diverged"
@@ -37,8 +38,9 @@ def is_webui_run(run_dir: Path) -> bool:
 
 
 def run_parameters(run_dir: Path) -> dict:
-    """training_parameters.json as stored, with values we know coerced to their types (webui stores "3e-4")."""
-    raw = read_json(Path(run_dir) / PARAMS_FILE) or {}
+    """training_parameters.json as stored, a webui file's keys mapped onto ours (trainer/webui.py), with values
+    we know coerced to their types (webui stores "3e-4")."""
+    raw = read_webui_parameters(read_json(Path(run_dir) / PARAMS_FILE) or {})
     raw = {k: ("" if k in WEBUI_NONE_FIELDS and v in ("None", None) else v) for k, v in raw.items()}
     try:
         coerced = TrainingParameters.from_dict(raw).to_dict()
