@@ -14,23 +14,33 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import DashboardError
-from .home import datasets_dir, resolve_inside
 from .jobs import perplexity_task
+from .metrics import metrics_frame
 from .perplexity import EvaluationSettings
-from .results import (TEXT_FROM_EVAL, checkpoint_label, evaluation_key, find_result, forgetting_ratio,
-                      read_results, text_to_evaluate)
+from .results import (TEXT_FROM_EVAL, TEXT_FROM_FILE, checkpoint_label, evaluation_key, find_result,
+                      forgetting_ratio, read_results, text_to_evaluate)
 from .runfiles import read_status
-from .runtable import adapter_choices, run_base_model, run_parameters
+from .runtable import adapter_choices, run_base_model, run_parameters, run_summary
 
 RANKING_COLUMNS = ["run", "adapter", "step", "held-out perplexity", "forgetting ratio", "within threshold", "rank"]
 DEFAULT_THRESHOLD = 1.1  # "little forgetting" in results.forgetting_sentence
 
 
+def general_text(settings: EvaluationSettings) -> Path:
+    """The general text the forgetting ratio is measured on, found as the Evaluate page's text files are."""
+    return text_to_evaluate(TEXT_FROM_FILE, Path(), settings.general_text)[0]
+
+
+def has_held_out_text(run_dir: Path, held_out_file: str | None = None) -> bool:
+    """Whether a run can be scored on held-out text: a .txt chosen for every run, or the run's own eval data."""
+    return bool(held_out_file) or bool(run_parameters(run_dir).get("eval_dataset"))
+
+
 def held_out_text(run_dir: Path, held_out_file: str | None = None) -> tuple[Path, str]:
     """The held-out text of a run: a chosen .txt of datasets/ for every run, else the run's own eval data."""
     if held_out_file:
-        return resolve_inside(datasets_dir(), held_out_file, "text file"), held_out_file
-    if not run_parameters(run_dir).get("eval_dataset"):
+        return text_to_evaluate(TEXT_FROM_FILE, run_dir, held_out_file)
+    if not has_held_out_text(run_dir):
         raise DashboardError(f"{Path(run_dir).name} has no eval data: choose a held-out text for the ranking, or "
                              f"train with an eval dataset.")
     return text_to_evaluate(TEXT_FROM_EVAL, run_dir)
@@ -42,12 +52,40 @@ def ranked_adapters(run_dir: Path, checkpoints: bool) -> dict[str, Path]:
     return {label: path for label, path in choices.items() if label == "final" or checkpoints}
 
 
+def rankable_runs(run_dirs: list[Path], checkpoints: bool = False,
+                  held_out_file: str | None = None) -> tuple[list[Path], list[str]]:
+    """The runs a ranking can score (a saved adapter that takes part, and a held-out text), and for each other
+    run a sentence saying why it is left out (a run still queued or running has no final adapter yet)."""
+    scored, left_out = [], []
+    for run_dir in run_dirs:
+        name = Path(run_dir).name
+        if not ranked_adapters(run_dir, checkpoints):
+            left_out.append(f"{name} has no saved adapter yet")
+        elif not has_held_out_text(run_dir, held_out_file):
+            left_out.append(f"{name} has no eval data (choose a held-out text to rank it)")
+        else:
+            scored.append(Path(run_dir))
+    return scored, left_out
+
+
+def ranking_plan(run_dirs: list[Path], checkpoints: bool = False, settings: EvaluationSettings | None = None,
+                 held_out_file: str | None = None) -> list[dict]:
+    """The evaluations for the runs of `run_dirs` that can be ranked (rankable_runs); refused, with the
+    reasons, when none can."""
+    if not run_dirs:
+        raise DashboardError("Choose the runs to rank: an experiment, or tick runs in the runs table.")
+    scored, left_out = rankable_runs(run_dirs, checkpoints, held_out_file)
+    if not scored:
+        raise DashboardError(f"Nothing to rank: {'; '.join(left_out)}.")
+    return ranking_tasks(scored, checkpoints, settings, held_out_file)
+
+
 def ranking_tasks(run_dirs: list[Path], checkpoints: bool = False, settings: EvaluationSettings | None = None,
                   held_out_file: str | None = None) -> list[dict]:
     """The perplexity evaluations a ranking needs: each adapter and its base model on the held-out text and on
     the general text (identical ones are reused by jobs.start_perplexity)."""
     settings = (settings or EvaluationSettings()).validate()
-    general = resolve_inside(datasets_dir(), settings.general_text, "general text")
+    general = general_text(settings)
     tasks = []
     for run_dir in run_dirs:
         adapters = ranked_adapters(run_dir, checkpoints)
@@ -82,7 +120,7 @@ def ranking_table(run_dirs: list[Path], checkpoints: bool = False, threshold: fl
     whose ratio stays under `threshold`, by held-out perplexity, then the others. Missing evaluations leave
     the numbers empty (and the row last)."""
     settings = (settings or EvaluationSettings()).validate()
-    general = resolve_inside(datasets_dir(), settings.general_text, "general text")
+    general = general_text(settings)
     records = read_results()
     rows = []
     for run_dir in run_dirs:
@@ -118,10 +156,17 @@ def best_adapter(table: pd.DataFrame) -> dict | None:
     return None if winners.empty else winners.iloc[0].to_dict()
 
 
+def missing_evaluations(table: pd.DataFrame) -> int:
+    """How many adapters of a ranking table still lack their held-out perplexity or forgetting ratio."""
+    if table.empty:
+        return 0
+    return int((table["held-out perplexity"].isna() | table["forgetting ratio"].isna()).sum())
+
+
 def ranking_sentence(table: pd.DataFrame, threshold: float) -> str:
     best = best_adapter(table)
     if best is None:
-        missing = int((table["held-out perplexity"].isna() | table["forgetting ratio"].isna()).sum()) if len(table) else 0
+        missing = missing_evaluations(table)
         if missing:
             return f"{missing} adapter(s) still need their evaluations: evaluate them to rank them."
         return f"No adapter keeps its forgetting ratio under {threshold:g}: try a lower learning rate or fewer steps."
@@ -140,6 +185,53 @@ def experiment_ranking(name: str, checkpoints: bool = False, threshold: float = 
     values = {Path(d).name: run_parameters(d) for d in run_dirs}
     for offset, parameter in enumerate(swept):
         table.insert(1 + offset, parameter, [values.get(run, {}).get(parameter) for run in table["run"]])
+    return table
+
+
+EXPERIMENT_COLUMNS = ["state", "step", "final loss", "final eval loss", "held-out perplexity", "forgetting ratio",
+                      "rank"]
+MISSING_RUN = "missing"  # the state of a run the experiment names whose folder is gone
+
+
+def final_eval_loss(run_dir: Path) -> float | None:
+    """The eval loss of a run's last evaluation, or None when it was never evaluated during training."""
+    frame = metrics_frame(run_dir)
+    losses = frame.loc[frame["is_eval"], "eval_loss"].dropna() if "eval_loss" in frame else pd.Series(dtype=float)
+    return float(losses.iloc[-1]) if len(losses) else None
+
+
+def experiment_table(name: str, threshold: float = DEFAULT_THRESHOLD, settings: EvaluationSettings | None = None,
+                     held_out_file: str | None = None) -> pd.DataFrame:
+    """An experiment as one table: one row per run in grid order, `run`, then each swept parameter, then the
+    run's state, step, final training and eval loss, and, once its final adapter is evaluated, its held-out
+    perplexity, forgetting ratio and rank among the experiment's final adapters (ranking_table's rule).
+    A run the experiment names whose folder is gone is listed as `missing`."""
+    from .runs import run_dir_for
+    from .sweeps import read_experiment
+
+    experiment = read_experiment(name)
+    swept = list(experiment.get("swept", {}))
+    run_dirs = {run: run_dir_for(run) for run in experiment.get("runs", [])}
+    present = [run_dir for run_dir in run_dirs.values() if run_dir.is_dir()]
+    scored, _ = rankable_runs(present, False, held_out_file)
+    ranked = ranking_table(scored, False, threshold, settings, held_out_file).set_index("run")
+    rows = []
+    for run, run_dir in run_dirs.items():
+        row = {"run": run, **dict.fromkeys(swept), **dict.fromkeys(EXPERIMENT_COLUMNS), "state": MISSING_RUN}
+        if run_dir.is_dir():
+            params, summary = run_parameters(run_dir), run_summary(run_dir)
+            row.update({parameter: params.get(parameter) for parameter in swept}, state=summary["state"],
+                       step=summary["step"], **{"final loss": summary["final loss"],
+                                                "final eval loss": final_eval_loss(run_dir)})
+        if run in ranked.index:
+            found = ranked.loc[run]
+            row.update({column: found[column] for column in ("held-out perplexity", "forgetting ratio", "rank")})
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["run", *swept, *EXPERIMENT_COLUMNS])
+    for column in ("step", "rank"):
+        table[column] = pd.array([None if pd.isna(v) else int(v) for v in table[column]], dtype="Int64")
+    for column in ("final loss", "final eval loss", "held-out perplexity", "forgetting ratio"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
     return table
 
 
