@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: run test setup test-setup bench clean-venv
+.PHONY: run test setup test-setup gguf-setup bench clean-venv
 
 $(VENV)/.runtime-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,22 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 	$(PY) -m pip install -q -r requirements-test.txt
 	touch $@
 
+# Optional: llama.cpp for GGUF export and *Try it* on GGUF (trainer/llamacpp.py). llama-cpp-python builds from
+# its source distribution (5-10 minutes on two cores the first time; pip caches the built wheel), and that
+# same source distribution vendors llama.cpp's converters, copied into .venv/llama.cpp/.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SDIST := llama_cpp_python-$(LLAMA_CPP_PYTHON)
+$(VENV)/.gguf-installed: $(VENV)/.runtime-installed
+	$(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON) diskcache==5.6.3 sentencepiece==0.2.3
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama-sdist && mkdir -p $(VENV)/llama.cpp $(VENV)/llama-sdist
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama-sdist
+	tar -xzf $(VENV)/llama-sdist/$(LLAMA_SDIST).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+		$(LLAMA_SDIST)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_SDIST)/vendor/llama.cpp/convert_lora_to_gguf.py \
+		$(LLAMA_SDIST)/vendor/llama.cpp/conversion $(LLAMA_SDIST)/vendor/llama.cpp/gguf-py
+	rm -rf $(VENV)/llama-sdist
+	touch $@
+
+gguf-setup: $(VENV)/.gguf-installed
 setup: $(VENV)/.runtime-installed
 test-setup: $(VENV)/.test-installed
 
@@ -28,8 +44,10 @@ run: setup
 test: test-setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Three interleaved rounds of (a)-(d); about 20 minutes on a quiet 2-core machine (bench/RESULTS.md).
 bench: test-setup
-	$(PY) bench/train_throughput.py
+	mkdir -p bench/out
+	$(PY) bench/train_throughput.py --json bench/out/throughput.json
 
 clean-venv:
 	rm -rf $(VENV)

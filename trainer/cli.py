@@ -182,15 +182,19 @@ def cmd_run_job(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import default_export_name, export_merged
+    from .gguf import default_gguf_name, export_gguf, gguf_sentence
     from .perplexity import resolve_lora
 
     adapter_dir = resolve_lora(args.lora)
-    result = export_merged(adapter_dir, args.name or default_export_name(adapter_dir), args.model,
-                           progress=lambda m: print(m, file=sys.stderr))
-    if args.json:
-        print(json.dumps(result))
+    progress = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.to == "gguf":
+        result = export_gguf(adapter_dir, args.name or default_gguf_name(adapter_dir), args.model, progress=progress)
+        sentence = gguf_sentence(result)
     else:
-        print(f"saved {result['path']} (max |logit difference| {result['max_abs_diff_reloaded']:.2e})")
+        result = export_merged(adapter_dir, args.name or default_export_name(adapter_dir), args.model,
+                               progress=progress)
+        sentence = f"saved {result['path']} (max |logit difference| {result['max_abs_diff_reloaded']:.2e})"
+    print(json.dumps(result) if args.json else sentence)
     return 0
 
 
@@ -328,12 +332,17 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--job-dir", required=True, help="the job folder, e.g. results/jobs/ID")
     job.set_defaults(handler=cmd_run_job)
 
-    export = commands.add_parser("export", help="merge an adapter into its base model and save it under models/",
-                                 description="Merge a LoRA adapter into its base model (full precision), save a "
-                                             "safetensors model folder models/NAME and check that its logits "
-                                             "equal base+adapter. An existing folder is never overwritten.")
+    export = commands.add_parser("export", help="merge an adapter into its base model, or write GGUF files, "
+                                                "under models/",
+                                 description="--to safetensors: merge a LoRA adapter into its base model (full "
+                                             "precision), save a model folder models/NAME and check that its logits "
+                                             "equal base+adapter. --to gguf: write models/NAME/ with the adapter as "
+                                             "a GGUF LoRA, the merged model as f16, q8_0 (and the GGUF base's own "
+                                             "type) GGUF files and Ollama Modelfiles, all checked in llama.cpp "
+                                             "(needs `make gguf-setup`). An existing folder is never overwritten.")
     export.add_argument("--lora", required=True, help="adapter folder: loras/NAME or loras/NAME/checkpoint-STEP")
-    export.add_argument("--name", default=None, help="folder name under models/ (default NAME-merged)")
+    export.add_argument("--name", default=None, help="folder name under models/ (default NAME-merged or NAME-gguf)")
+    export.add_argument("--to", choices=("safetensors", "gguf"), default="safetensors", help="what to write")
     export.add_argument("--model", default=None, help="base model (default: the one the adapter was trained on)")
     export.add_argument("--json", action="store_true", help="print the result as JSON")
     export.set_defaults(handler=cmd_export)

@@ -95,6 +95,44 @@ def check_logits(merged_logits, reference, limit: float, what: str) -> float:
     return difference
 
 
+def merge_checked(adapter_dir: Path, base_model: str, folder: Path, progress: Callable[[str], None] = print,
+                  sample_text: str = SAMPLE_TEXT, relative_tolerance: float = RELATIVE_TOLERANCE) -> dict:
+    """Merge the adapter into its base model (full precision), save the merged model into `folder`, and check
+    it twice against base+adapter (in memory, then loaded back). Returns the check's numbers with the
+    sample's token ids and the base+adapter and base logits (float32 tensors, one row per token)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .models import attach_adapter, load_model, load_tokenizer
+
+    progress(f"Loading {base_model} and the adapter {Path(adapter_dir).name}...")
+    tokenizer = load_tokenizer(base_model, progress=progress)
+    model = attach_adapter(load_model(base_model, "full", device="cpu", progress=progress), adapter_dir)
+    model.eval()
+    input_ids = tokenizer(sample_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    reference = logits(model, input_ids)
+    with model.disable_adapter():
+        base_logits = logits(model, input_ids)
+    tolerance = logit_limit(reference, relative_tolerance)
+
+    progress("Merging the adapter into the base weights...")
+    merged = model.merge_and_unload()
+    merged.eval()
+    difference = check_logits(logits(merged, input_ids), reference, tolerance, "The merged model's")
+    progress("Saving the merged model...")
+    merged.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    del merged, model
+    progress("Loading the saved folder back to check it...")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    reloaded.eval()
+    reloaded_difference = check_logits(logits(reloaded, input_ids), reference, tolerance, "The saved merged model's")
+    return {"max_abs_diff": difference, "max_abs_diff_reloaded": reloaded_difference,
+            "adapter_effect": max_logit_difference(reference, base_logits), "logit_scale": logit_scale(reference),
+            "relative_tolerance": relative_tolerance, "tolerance": tolerance,
+            "token_ids": input_ids[0].tolist(), "reference": reference[0], "base_logits": base_logits[0]}
+
+
 def export_merged(adapter_dir: Path, name: str, base_model: str | None = None,
                   progress: Callable[[str], None] = print, sample_text: str = SAMPLE_TEXT,
                   relative_tolerance: float = RELATIVE_TOLERANCE) -> dict:
@@ -104,58 +142,35 @@ def export_merged(adapter_dir: Path, name: str, base_model: str | None = None,
     "logit_scale", "relative_tolerance", "tolerance"}: `tolerance` is the absolute limit for this model,
     relative_tolerance times logit_scale.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .models import attach_adapter, load_model, load_tokenizer, model_path
+    from .models import model_path
 
     adapter_dir = Path(adapter_dir)
     target = check_export_target(name)
     base_model = base_model or adapter_base_model(adapter_dir)
-    progress(f"Loading {base_model} and the adapter {adapter_dir.name}...")
-    tokenizer = load_tokenizer(base_model, progress=progress)
-    model = attach_adapter(load_model(base_model, "full", device="cpu", progress=progress), adapter_dir)
-    model.eval()
-    input_ids = tokenizer(sample_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    reference = logits(model, input_ids)
-    with model.disable_adapter():
-        base_logits = logits(model, input_ids)
-    adapter_effect = max_logit_difference(reference, base_logits)
-    tolerance = logit_limit(reference, relative_tolerance)
-
-    progress("Merging the adapter into the base weights...")
-    merged = model.merge_and_unload()
-    merged.eval()
-    difference = check_logits(logits(merged, input_ids), reference, tolerance, "The merged model's")
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        progress(f"Saving the merged model to models/{target.name}...")
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        del merged, model
-        progress("Loading the saved folder back to check it...")
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32)
-        reloaded.eval()
-        reloaded_difference = check_logits(logits(reloaded, input_ids), reference, tolerance,
-                                           "The saved merged model's")
+        checked = merge_checked(adapter_dir, base_model, staging, progress, sample_text, relative_tolerance)
         info = {"merged_from": str(adapter_dir), "base_model": base_model,
                 "base_model_path": str(model_path(base_model, progress)), "date": now_iso(),
-                "max_abs_logit_difference": reloaded_difference, "logit_tolerance": tolerance,
+                "max_abs_logit_difference": checked["max_abs_diff_reloaded"], "logit_tolerance": checked["tolerance"],
                 "sample_text": sample_text}
         write_json_atomic(staging / "merged_from.json", info)
         staging.chmod(0o755)
-        with named_lock(lock_beside(target)):  # two exports to one name: the second sees the first's folder
-            if target.exists():
-                raise DashboardError(f"models/{target.name} appeared while exporting; nothing was overwritten.")
-            staging.rename(target)
+        place_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    progress(f"Saved models/{target.name}: logits match base+adapter within {reloaded_difference:.1e} "
-             f"(limit {tolerance:.1e}).")
+    progress(f"Saved models/{target.name}: logits match base+adapter within {checked['max_abs_diff_reloaded']:.1e} "
+             f"(limit {checked['tolerance']:.1e}).")
+    numbers = {k: v for k, v in checked.items() if k not in ("token_ids", "reference", "base_logits")}
     return {"path": str(target), "name": target.name, "base_model": base_model, "adapter": str(adapter_dir),
-            "max_abs_diff": difference, "max_abs_diff_reloaded": reloaded_difference,
-            "adapter_effect": adapter_effect, "logit_scale": logit_scale(reference),
-            "relative_tolerance": relative_tolerance, "tolerance": tolerance}
+            **numbers}
+
+
+def place_folder(staging: Path, target: Path) -> None:
+    """Rename a finished staging folder into place; two exports to one name: the second sees the first's."""
+    with named_lock(lock_beside(target)):
+        if target.exists():
+            raise DashboardError(f"models/{target.name} appeared while exporting; nothing was overwritten.")
+        staging.rename(target)

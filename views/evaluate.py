@@ -13,11 +13,14 @@ from typing import Callable
 import streamlit as st
 
 from views.common import cached_tokenizer, home_caption, show_error
+from views.experiments import experiments_section
 from trainer import jobs
 from trainer.adapters import BaseWithAdapters
 from trainer.charts import CHARTS, X_AXES, chart_data, empty_chart_note, metric_chart, perplexity_chart
 from trainer.errors import DashboardError
 from trainer.export import RELATIVE_TOLERANCE, default_export_name
+from trainer.gguf import default_gguf_name, gguf_exports, gguf_sentence
+from trainer.llamacpp import generate as llamacpp_generate, llama_cpp_problem
 from trainer.generate import (
     TEMPLATE_FORMAT, base_and_adapter_answers, full_prompt, template_choices, visible_answer,
 )
@@ -373,12 +376,20 @@ def try_tab(focus: str, run_dir: Path, base_model: str, adapters: dict[str, Path
     max_new = cols[1].number_input("Max new tokens", 1, 1024, 64, key="ev_try_max_new")
     seed = cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="ev_try_seed",
                                 help="Fixes the sampling, so an answer can be reproduced.")
+    exported = gguf_exports(adapters[try_label]) if not llama_cpp_problem() else []
+    on_gguf = exported and st.checkbox(
+        "Also answer with llama.cpp (the GGUF base with the GGUF LoRA)", value=True, key="ev_try_gguf",
+        help=f"From the GGUF export in {Path(exported[0]['folder']).name}/; llama.cpp is much faster on a CPU.")
     if st.button("Generate with both", key="ev_try_go", type="primary", disabled=tokenizer is None):
         try:
             given = full_prompt(template, prompt, format_name, tokenizer)
             with st.spinner("Loading the model (once) and generating..."):
                 answers = base_and_adapter_answers(generation_models(base_model), adapters[try_label], tokenizer,
                                                    given, int(max_new), float(temperature), int(seed))
+                if on_gguf:
+                    answers["gguf"] = llamacpp_generate(Path(exported[0]["base_path"]), Path(exported[0]["lora_path"]),
+                                                        given, int(max_new), float(temperature), int(seed))
+                    answers["gguf_label"] = Path(exported[0]["lora_path"]).name
             st.session_state["ev_try_output"] = {"prompt": given, "label": f"{focus} ({try_label})", **answers}
         except DashboardError as exc:
             st.session_state.pop("ev_try_output", None)  # the latest outcome only: no old answers under the error
@@ -395,6 +406,9 @@ def show_answers(base_model: str, output: dict | None) -> None:
     left_col.code(visible_answer(output["base"]), language=None, wrap_lines=True)
     right_col.markdown(f"**With the adapter: {output['label']}**")
     right_col.code(visible_answer(output["adapter"]), language=None, wrap_lines=True)
+    if "gguf" in output:
+        st.markdown(f"**llama.cpp: the GGUF base with {output['gguf_label']}**")
+        st.code(visible_answer(output["gguf"]), language=None, wrap_lines=True)
     with st.expander("The exact prompt"):
         st.code(output["prompt"], language=None, wrap_lines=True)
 
@@ -422,7 +436,38 @@ def export_tab(focus: str, adapters: dict[str, Path], base_model: str) -> None:
     if st.button("Merge and save", key="ev_exp_start", type="primary"):
         start_action("ev_exp_flash", "export", start)
     show_outcome("ev_exp_flash")
+    gguf_export(focus, export_label, export_dir, base_model)
     job_panel("export")
+
+
+def gguf_export(focus: str, export_label: str, export_dir: Path, base_model: str) -> None:
+    """The adapter for llama.cpp and Ollama: GGUF files checked by llama.cpp, and the commands to chat with it."""
+    st.markdown("**GGUF for llama.cpp, Ollama and LM Studio**")
+    st.caption("Writes the adapter as a GGUF LoRA (llama.cpp's `--lora`), the merged model as f16 and q8_0 GGUF "
+               "files (and in the GGUF base's own type), and Ollama Modelfiles, into one folder under `models/`. "
+               "llama.cpp loads each file and its logits are compared with transformers' before anything is kept.")
+    problem = llama_cpp_problem()
+    if problem:
+        st.info(problem)
+        return
+    name = st.text_input("Folder name under models/", value=default_gguf_name(export_dir),
+                         key=f"ev_gguf_name_{focus}_{export_label}")
+
+    def start() -> str:
+        watch(jobs.start_export(export_dir, name, base_model, to="gguf"))
+        return f"Writing GGUF files for {export_label} in the background; llama.cpp checks them before they are kept."
+
+    if st.button("Write GGUF files", key="ev_gguf_start"):
+        start_action("ev_gguf_flash", "export", start)
+    show_outcome("ev_gguf_flash")
+    exports = gguf_exports(export_dir)
+    if exports:
+        report = exports[0]
+        st.success(gguf_sentence(report))
+        st.markdown(f"Chat with it in Ollama (from `{report['folder']}`):")
+        st.code("\n".join(report["commands"][1:]), language="bash")
+        st.markdown("Or in llama.cpp:")
+        st.code(f"llama-cli -m {report['base_path']} --lora {report['lora_path']} -cnv", language="bash")
 
 
 # ---- the page ------------------------------------------------------------------------------------------
@@ -438,6 +483,7 @@ def evaluate_page() -> None:
         return
     runs_section(run_paths)
     selected = curves_section(run_paths)
+    experiments_section(run_paths, selected, evaluation_controls)
     focus, run_dir, base_model, adapters = focus_section(run_paths, selected)
     tab_ppl, tab_forget, tab_try, tab_export = st.tabs(["Perplexity", "Forgetting check", "Try it", "Export"])
     with tab_ppl:
