@@ -379,3 +379,14 @@ def test_the_evaluate_page_lists_the_webui_runs_with_their_parameters(webui_home
         _rerun(at.selectbox(key="ev_run").select(name))
         assert f"Base model: **tiny-llama** · adapters: final, checkpoint-2" in [c.value for c in at.caption]
         assert not [w.value for w in at.warning if "not under models/" in w.value]
+
+
+def test_a_webui_runs_curve_comes_from_its_checkpoints_log_history(webui_home):
+    from trainer.metrics import metrics_frame
+
+    frame = metrics_frame(webui_home / "loras" / "webui-chat")
+    train = frame[~frame["is_eval"]]
+    # checkpoint-2's log history (steps 1 and 2), then training_log.json's last entry at epoch 2 = step 4:
+    # optimiser steps throughout, not the webui's micro-batch count.
+    assert train["step"].tolist() == [1, 2, 4]
+    assert train["loss"].tolist() == [3.6, 3.1, FINAL_LOSS["webui-chat"]]

@@ -157,11 +157,32 @@ def read_webui_log(run_dir: Path) -> list[dict]:
     return []
 
 
+def _webui_entries(run_dir: Path) -> list[dict]:
+    """A webui run's log lines: the HF Trainer's log_history of its newest checkpoint (every logged step, its
+    `step` counting optimiser steps) when that holds more than training_log.json (only the latest entry, its
+    `current_steps` counting micro-batches)."""
+    from .storage import read_json
+
+    entries = read_webui_log(run_dir)
+    states = sorted(run_dir.glob("checkpoint-*/trainer_state.json"),
+                    key=lambda p: int(p.parent.name.split("-")[-1]) if p.parent.name.split("-")[-1].isdigit() else -1)
+    history = (read_json(states[-1]) or {}).get("log_history") if states else None
+    history = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
+    if not history:
+        return entries
+    # training_log.json's latest entry goes on after the checkpoint: its optimiser step from its epoch.
+    last = history[-1]
+    per_epoch = as_float(last.get("step")) / as_float(last.get("epoch")) if as_float(last.get("epoch")) else math.nan
+    later = [{**entry, "step": round(as_float(entry["epoch"]) * per_epoch)} for entry in entries
+             if math.isfinite(per_epoch) and as_float(entry.get("epoch")) > as_float(last.get("epoch"))]
+    return history + later
+
+
 def webui_metrics_frame(run_dir: Path) -> pd.DataFrame:
     """What can be charted from a webui run: one train row per entry with a loss, one eval row per eval loss."""
     rows = []
-    for entry in read_webui_log(run_dir):
-        step = as_float(entry.get("current_steps", entry.get("step", entry.get("global_step"))))
+    for entry in _webui_entries(Path(run_dir)):
+        step = as_float(entry.get("step", entry.get("current_steps", entry.get("global_step"))))
         common = {"step": step, "epoch": as_float(entry.get("epoch"))}
         if "loss" in entry:
             rows.append({**common, "loss": as_float(entry.get("loss")),
