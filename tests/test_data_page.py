@@ -281,6 +281,19 @@ def test_the_options_of_each_kind_of_data_come_from_the_parameter_metadata():
     assert option_rows("formatted") == [
         ["format", "cutoff_len", "train_only_after", "overlong_samples", "chat_template"],
         ["add_eos_token", "add_bos_token", "train_last_turn_only"]]
+    # By the rows' recognised shapes: text rows get the raw-text rules in a row of their own; an option that
+    # would change nothing is not offered (train only after masks format-file records only).
+    raw_rules = ["overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"]
+    assert option_rows("formatted", frozenset({"text"})) == [["format", "cutoff_len"], raw_rules,
+                                                            ["add_eos_token", "add_bos_token"]]
+    assert option_rows("formatted", frozenset({"text", "messages", "other"})) == [
+        ["format", "cutoff_len", "train_only_after", "overlong_samples", "chat_template"], raw_rules,
+        ["add_eos_token", "add_bos_token", "train_last_turn_only"]]
+    assert option_rows("formatted", frozenset({"sharegpt"})) == [
+        ["format", "cutoff_len", "overlong_samples", "chat_template"],
+        ["add_eos_token", "add_bos_token", "train_last_turn_only"]]
+    assert option_rows("formatted", frozenset()) == option_rows("formatted")  # unreadable: every option
+    assert option_rows("raw", frozenset({"text"})) == option_rows("raw")
 
 
 def test_one_rule_says_which_files_are_datasets(home):
@@ -350,3 +363,135 @@ def test_the_page_says_what_shape_it_recognised(home, tokenizer):
     assert want.shape and "ShareGPT" in want.shape
     assert want.shape in [i.value for i in at.info], [i.value for i in at.info]
     assert number(metrics(at)["Samples"]) == len(want.samples) == 3
+
+
+# ---- uploads checked, format files, deletes ---------------------------------------------------------
+QA_FORMAT = json.dumps({"question,answer": "Q: %question%\nA: %answer%"}).encode()
+
+
+def test_a_broken_upload_is_refused_with_the_previews_sentence_and_nothing_is_written(home):
+    before = sorted(p.name for p in (home / "datasets").iterdir())
+    at = open_page()
+    at.file_uploader[0].set_value(("rows.jsonl", b'{"text": "fine"}\n{"text": \n', "application/json")).run()
+    at.button(key="dp_up_save").click().run()
+    assert any(e == "rows.jsonl, line 2: not valid JSON (Expecting value)." for e in errors(at)), errors(at)
+    assert not at.success
+    assert sorted(p.name for p in (home / "datasets").iterdir()) == before
+    # A format file saved into datasets/ is refused as the preview would refuse it as a dataset.
+    at.file_uploader[0].set_value(("qa-format.json", QA_FORMAT, "application/json")).run()
+    [into] = [r for r in at.radio if r.label == "Save into"]
+    assert into.value == "formats/ (a format file)", "a .json object is offered for formats/"
+    into.set_value("datasets/ (a dataset)").run()
+    at.button(key="dp_up_save").click().run()
+    assert any("qa-format.json must hold a JSON list of objects; it holds a dict" in e for e in errors(at)), errors(at)
+    assert not (home / "datasets" / "qa-format.json").exists() and not (home / "formats").exists()
+
+
+def test_a_format_file_upload_goes_into_formats_and_is_chosen(home):
+    rows = [{"question": "What port does the app use?", "answer": "8501."}] * 2
+    (home / "datasets" / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    at = open_page()
+    at.file_uploader[0].set_value(("qa-format.json", QA_FORMAT, "application/json")).run()
+    assert at.button(key="dp_up_save").label == "Save into formats/"
+    at.button(key="dp_up_save").click().run()
+    assert (home / "formats" / "qa-format.json").read_bytes() == QA_FORMAT
+    assert any("Saved formats/qa-format.json" in s.value for s in at.success)
+    # Chosen in the same session, without a reload: the Data page is on formatted rows with the new format.
+    assert at.radio(key="dp_mode").value == "Formatted JSON"
+    picker = at.selectbox(key="dp_format")
+    assert picker.value == "qa-format" and "qa-format" in picker.options
+    at.selectbox(key="dp_dataset_formatted").set_value("qa.jsonl").run()
+    assert number(metrics(at)["Samples"]) == 2 and "Q: What port" in samples_html(at)
+    # The same name again is not replaced without consent.
+    at.file_uploader[0].set_value(("qa-format.json", b'{"question": "%question%"}', "application/json")).run()
+    assert any("formats/qa-format.json already exists" in w.value for w in at.warning)
+    assert at.button(key="dp_up_save").disabled
+    assert (home / "formats" / "qa-format.json").read_bytes() == QA_FORMAT
+
+
+def test_an_upload_is_listed_at_once_and_a_delete_asks_first(home):
+    at = open_page()
+    at.file_uploader[0].set_value(("notes.txt", b"Some notes on LoRA.\n", "text/plain")).run()
+    at.button(key="dp_up_save").click().run()
+    picker = at.selectbox(key="dp_dataset_raw")
+    assert picker.value == "notes.txt" and "notes.txt" in picker.options
+    assert "datasets/notes.txt" in at.selectbox(key="dp_delete_choice").options
+    assert number(metrics(at)["Samples"]) == 1
+
+    at.selectbox(key="dp_delete_choice").set_value("datasets/notes.txt").run()
+    at.button(key="dp_delete").click().run()
+    assert [w.value for w in at.warning] == ["Really delete datasets/notes.txt? It cannot be undone."]
+    assert (home / "datasets" / "notes.txt").exists(), "nothing is deleted before the confirmation"
+    at.button(key="dp_delete_cancel").click().run()
+    assert not at.warning and (home / "datasets" / "notes.txt").exists()
+    # Asked for one file, then another chosen: the question is not carried over to it.
+    at.button(key="dp_delete").click().run()
+    at.selectbox(key="dp_delete_choice").set_value("datasets/general-text.txt").run()
+    assert not at.warning and [b.label for b in at.button if b.key == "dp_delete"] == ["Delete"]
+
+    at.selectbox(key="dp_delete_choice").set_value("datasets/notes.txt").run()
+    at.button(key="dp_delete").click().run()
+    at.button(key="dp_delete_confirm").click().run()
+    assert not at.exception, at.exception
+    assert not (home / "datasets" / "notes.txt").exists()
+    assert any(s.value == "Deleted datasets/notes.txt." for s in at.success)
+    picker = at.selectbox(key="dp_dataset_raw")
+    assert "notes.txt" not in picker.options and picker.value == "user-guide.txt"
+    assert "datasets/notes.txt" not in at.selectbox(key="dp_delete_choice").options
+    assert number(metrics(at)["Samples"]) > 1, "the preview moved on to a dataset that exists"
+    assert (home / "datasets" / "general-text.txt").exists()
+
+
+def test_shipped_format_files_are_not_offered_for_deletion(home):
+    at = open_page()
+    offered = at.selectbox(key="dp_delete_choice").options
+    assert offered and all(place.startswith("datasets/") for place in offered)
+
+
+# ---- text rows get the raw-text options --------------------------------------------------------------
+def test_text_rows_get_the_raw_text_options_and_they_take_effect(home, tokenizer):
+    from trainer.samplecache import samples_key
+
+    guide = (home / "datasets" / "user-guide.txt").read_text(encoding="utf-8")
+    blocks = sorted((part.strip() for part in guide.split("\n\n\n")), key=len, reverse=True)[:2] + ["tiny"]
+    (home / "datasets" / "texts.jsonl").write_text("".join(json.dumps({"text": b}) + "\n" for b in blocks),
+                                                   encoding="utf-8")
+    at = formatted(open_page(), "texts.jsonl")
+    numbers = {n.key for n in at.number_input}
+    assert {"dp_cutoff_len", "dp_overlap_len", "dp_newline_favor_len", "dp_min_chars"} <= numbers
+    assert "dp_hard_cut_string" in {t.key for t in at.text_input}
+    # Options that only rendered rows use are not offered for text rows.
+    assert "dp_train_only_after" not in {t.key for t in at.text_input}
+    assert "dp_chat_template" not in {s.key for s in at.selectbox}
+
+    at.number_input(key="dp_cutoff_len").set_value(64)
+    at.number_input(key="dp_overlap_len").set_value(16)
+    at.number_input(key="dp_min_chars").set_value(10).run()
+    assert not errors(at), errors(at)
+    options = dict(dataset="texts.jsonl", format="alpaca-format", cutoff_len=64, overlap_len=16, min_chars=10)
+    want = build_samples(TrainingParameters.from_dict(options), tokenizer)
+    default_overlap = build_samples(TrainingParameters.from_dict({**options, "overlap_len": 32}), tokenizer)
+    assert number(metrics(at)["Samples"]) == want.stats["samples"] != default_overlap.stats["samples"]
+    assert number(metrics(at)["Dropped blocks"]) == 1  # "tiny", under the minimum block size
+    assert "overlap 16" in " ".join(i.value for i in at.info)
+    assert "overlap " in samples_html(at) and "with the previous chunk" in samples_html(at)
+    kept = at.session_state["data_options"]
+    assert (kept["overlap_len"], kept["min_chars"], kept["newline_favor_len"]) == (16, 10, 128)
+    # Each raw-text rule is part of the sample cache's key.
+    params = TrainingParameters.from_dict(options)
+    keys = {samples_key(TrainingParameters.from_dict({**options, **change}), tokenizer)
+            for change in ({}, {"overlap_len": 8}, {"newline_favor_len": 0}, {"hard_cut_string": "\\n\\n"},
+                           {"min_chars": 11})}
+    assert len(keys) == 5 and samples_key(params, tokenizer) in keys
+
+    # The overlap rule is checked under its field, as for raw text.
+    at.number_input(key="dp_overlap_len").set_value(64).run()
+    assert any("Overlap length (64)" in e for e in errors(at)), errors(at)
+    # A chat dataset has no raw-text options.
+    rows = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+    (home / "datasets" / "chat.jsonl").write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    at.run()  # the picker lists the new file
+    at.selectbox(key="dp_dataset_formatted").set_value("chat.jsonl").run()
+    assert "dp_overlap_len" not in {n.key for n in at.number_input}
+    assert "dp_train_only_after" not in {t.key for t in at.text_input}
+    assert "dp_chat_template" in {s.key for s in at.selectbox} and not errors(at)

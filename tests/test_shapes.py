@@ -309,3 +309,100 @@ def test_preview_on_the_command_line_gives_the_same_samples_and_sentence(home, t
         assert printed == json.loads(json.dumps(expected.to_json()))
         assert printed["shape"] == expected.shape and printed["samples"]
         assert all(0 in s["label_mask"] and 1 in s["label_mask"] for s in printed["samples"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the Data page agree on every shape
+
+
+def _guide_blocks(home: Path, count: int) -> list[str]:
+    guide = (home / "datasets" / "user-guide.txt").read_text(encoding="utf-8")
+    return sorted((part.strip() for part in guide.split("\n\n\n")), key=len, reverse=True)[:count]
+
+
+def _write_shape(home: Path, shape: str) -> str:
+    """A small file of this shape in datasets/; returns its name."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    datasets = home / "datasets"
+    if shape == "sharegpt":
+        return write_jsonl(home, "sharegpt.jsonl", [sharegpt([SYSTEM, *TURNS]), sharegpt(TURNS[:2])])
+    if shape == "system":
+        return write_jsonl(home, "system.jsonl", [{"messages": [SYSTEM, *TURNS[:2]]}, {"messages": TURNS[:2]}])
+    if shape == "multi-turn":
+        return write_jsonl(home, "multi.jsonl", [{"messages": TURNS}, {"messages": TURNS[2:]}])
+    if shape == "prompt-completion":
+        return write_jsonl(home, "pc.jsonl", [
+            {"prompt": "Question: what port does the app use?\nAnswer:", "completion": " 8501."},
+            {"prompt": [TURNS[0]], "completion": [TURNS[1]]}])
+    if shape == "text":
+        return write_jsonl(home, "texts.jsonl", [{"text": block} for block in _guide_blocks(home, 2)])
+    if shape == "csv":
+        pd.DataFrame(ALPACA_ROWS).to_csv(datasets / "alpaca.csv", index=False)
+        return "alpaca.csv"
+    if shape == "tsv":
+        pd.DataFrame([{"text": block, "source": "guide"} for block in _guide_blocks(home, 2)]).to_csv(
+            datasets / "notes.tsv", sep="\t", index=False)
+        return "notes.tsv"
+    if shape == "parquet":
+        pq.write_table(pa.Table.from_pylist([{"messages": [SYSTEM, *TURNS[:2]]}, {"messages": TURNS}]),
+                       datasets / "chats.parquet")
+        return "chats.parquet"
+    (datasets / "notes.md").write_text("# Notes\n\n" + "\n\n".join(_guide_blocks(home, 1)), encoding="utf-8")
+    return "notes.md"
+
+
+# What the recognised-shape sentence must say for each (beyond the page and the command line agreeing).
+SAID = {"sharegpt": "ShareGPT conversations (from/value): 2 rows; system/human/gpt mapped to system/user/assistant",
+        "system": "OpenAI messages (role/content): 2 rows, 1 with a system turn",
+        "multi-turn": "OpenAI messages (role/content): 2 rows, 1 multi-turn",
+        "prompt-completion": "Prompt/completion rows (TRL convention): 2 rows",
+        "text": 'Text rows ({"text": ...}): 2 rows, each a document chunked with the raw-text rules (cutoff 96, '
+                'overlap 24',
+        "csv": "CSV table with columns instruction, input, output: Format-file records: 2 rows rendered with the "
+               "format alpaca-format",
+        "tsv": 'TSV table with columns text, source: Text rows ({"text": ...}): 2 rows',
+        "parquet": "Parquet table with columns messages: OpenAI messages (role/content): 2 rows",
+        "md": "Raw text: 1 file(s)"}
+
+
+def _cli_args(options: dict) -> list[str]:
+    """The Data page's options (as it hands them to the Train page) as `python -m trainer preview` flags."""
+    from tests.test_cli_preview import argv
+
+    options = dict(options)
+    return ["--model", options.pop("base_model"), *argv(options)]
+
+
+@pytest.mark.parametrize("shape", list(SAID))
+def test_the_command_line_and_the_data_page_agree(home, shape):
+    from tests.test_cli_preview import finish, start
+    from tests.test_data_page import metrics, number, open_page
+
+    name = _write_shape(home, shape)
+    at = open_page()
+    raw = shape == "md"
+    at.radio(key="dp_mode").set_value("Raw text" if raw else "Formatted JSON").run()
+    at.selectbox(key="dp_dataset_raw" if raw else "dp_dataset_formatted").set_value(name)
+    at.number_input(key="dp_cutoff_len").set_value(96).run()
+    if raw or shape in ("text", "tsv"):  # the raw-text rules are offered, and given to both
+        at.number_input(key="dp_overlap_len").set_value(24).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    options = at.session_state["data_options"]
+    assert options["raw_text_file" if raw else "dataset"] == name
+    process = start(home, *_cli_args(options), "--json")
+    shown = metrics(at)
+    [sentence] = [i.value for i in at.info if i.icon == "🔎"]
+    code, out, err = finish(process)
+    assert code == 0, err
+    printed = json.loads(out)
+    assert number(shown["Samples"]) == printed["stats"]["samples"] == len(printed["samples"]) > 0
+    assert number(shown["Trained tokens"]) == printed["stats"]["trained_tokens"] > 0
+    assert number(shown["Tokens"]) == printed["stats"]["tokens"]
+    assert sentence == printed["shape"]
+    assert sentence.startswith(SAID[shape]), sentence
+    if shape in ("text", "tsv", "md"):
+        assert len(printed["samples"]) > 2 and any(s["overlap"] for s in printed["samples"]), \
+            "the long documents are chunked with the overlap asked for"

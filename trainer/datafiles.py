@@ -5,12 +5,15 @@ them is raw text; a `.json` list, `.jsonl` rows or a `.csv`, `.tsv` or `.parquet
 data: records for a format file, chat rows, prompt/completion or text rows, see trainer/shapes.py). The Data
 page's lists and its uploader, the Train page's pickers, build_samples (the preview on the command line and
 the trainer) and the sample cache all follow it. Datasets are found in the home's datasets/ and in a webui's
-training/datasets/. FORMATS.md documents the files themselves.
+training/datasets/. Uploads are checked by the preview's own readers before they are written (into datasets/ or
+formats/), and deletes stay inside the home, never touching a shipped format file. FORMATS.md documents the
+files themselves.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +22,8 @@ from typing import Any
 from natsort import natsorted, ns
 
 from .errors import DashboardError
-from .home import (DATASET_ENDINGS, RAW_TEXT_ENDINGS, ROWS_ENDINGS, TABLE_ENDINGS, check_name, datasets_dir,
-                   datasets_dirs, formats_dirs, resolve_inside)
+from .home import (CODE_ROOT, DATASET_ENDINGS, RAW_TEXT_ENDINGS, ROWS_ENDINGS, TABLE_ENDINGS, check_name,
+                   datasets_dir, datasets_dirs, formats_dirs, home_dir, resolve_inside)
 from .storage import write_bytes_atomic
 
 
@@ -76,26 +79,182 @@ def format_names() -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def save_dataset(name: str, data: bytes, replace: bool = False) -> Path:
-    """Write uploaded bytes into datasets/ under a checked name (a dataset ending, inside datasets/, links
-    followed); an existing file is replaced only with `replace`. Returns the file written."""
+# ---- uploads and deletes ---------------------------------------------------------------------------
+# The folders of the home an upload goes into, and what each one takes.
+UPLOAD_FOLDERS = {"datasets": DATASET_ENDINGS, "formats": (".json",)}
+# The format files this project ships (in the checkout's formats/): never replaced or deleted from a page.
+SHIPPED_FORMATS = frozenset({"alpaca-chatbot-format", "alpaca-format", "chatml-format", "vicuna-format"})
+
+
+def upload_path(name: str, folder: str = "datasets") -> Path:
+    """Where an upload named `name` goes in the home's `folder` ("datasets" or "formats"): a checked name with
+    an ending that folder takes, inside it (links followed). Raises DashboardError saying what to change."""
     name = check_name(name, "file name")
-    if kind_by_ending(name) is None:
-        endings = list(DATASET_ENDINGS)
-        raise DashboardError(f"{name} must end in {', '.join(endings[:-1])} or {endings[-1]}.")
-    folder = datasets_dir()
+    endings = UPLOAD_FOLDERS[folder]
+    if not name.lower().endswith(endings):
+        listed = ", ".join(endings[:-1]) + f" or {endings[-1]}" if len(endings) > 1 else endings[0]
+        what = "A format file" if folder == "formats" else "A dataset"
+        raise DashboardError(f"{what} must end in {listed}; {name} does not.")
+    target = resolve_inside(home_dir() / folder, name, "file name")
+    if target.is_dir():
+        raise DashboardError(f"{folder}/{name} is a folder; choose another name.")
+    if folder == "formats" and target.parent == (CODE_ROOT / "formats").resolve() and target.stem in SHIPPED_FORMATS:
+        raise DashboardError(f"formats/{name} is a format file shipped with the dashboard; save yours under another "
+                             f"name.")
+    return target
+
+
+def upload_folder_for(name: str, data: bytes) -> str:
+    """The folder an upload most likely belongs in: "formats" for a .json file holding one JSON object (a
+    format file maps field lists to templates; a dataset is a list of rows), else "datasets"."""
+    return "formats" if name.lower().endswith(".json") and data[:4096].lstrip()[:1] == b"{" else "datasets"
+
+
+def check_upload(name: str, data: bytes, folder: str = "datasets") -> None:
+    """Refuse an upload the preview would refuse, with the preview's own sentence: the bytes are read from a
+    temporary copy (never from datasets/ or formats/) by the readers the preview uses: a format file by
+    load_format, raw text by read_text_file (and refused when it holds no text), rows by load_rows."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lora-upload-") as scratch:
+        path = Path(scratch) / name
+        path.write_bytes(data)
+        try:
+            if folder == "formats":
+                load_format(path)
+            elif kind_by_ending(name) == "raw":
+                from .params import TrainingParameters
+
+                text, hard_cut = read_text_file(path), TrainingParameters().hard_cut
+                if not text.strip():
+                    raise no_text_error(len(text.split(hard_cut)))
+            else:
+                load_rows(path)
+        except DashboardError as exc:  # a reader that names the whole path names the file the person chose
+            raise DashboardError(exc.message.replace(str(path), str(home_dir() / folder / name)), exc.field) \
+                from None
+
+
+def no_text_error(blocks: int) -> DashboardError:
+    """The error for raw text whose every block is empty or under the minimum block size."""
+    return DashboardError(
+        "No text left to train on: every block is empty or shorter than the minimum block size "
+        f"({blocks} block{'s' if blocks != 1 else ''} after cutting at the hard cut string).")
+
+
+def save_upload(name: str, data: bytes, folder: str = "datasets", replace: bool = False) -> Path:
+    """Write uploaded bytes into the home's datasets/ or formats/ after `check_upload`; an existing file is
+    replaced only with `replace`, a shipped format file never. Returns the file written."""
+    target = upload_path(name, folder)
+    name = target.name
+    if target.exists() and not replace:
+        raise DashboardError(f"{folder}/{name} already exists; tick 'Replace the existing file' or rename it.")
+    check_upload(name, data, folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        target = resolve_inside(folder, name, "file name")
-        if target.is_dir():
-            raise DashboardError(f"datasets/{name} is a folder; choose another name.")
-        if target.exists() and not replace:
-            raise DashboardError(f"datasets/{name} already exists; tick 'Replace the existing file' or rename it.")
+        target.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(target, data)
     except OSError as exc:
-        raise DashboardError(f"Cannot write into datasets/: {exc.strerror or exc}. Is the home folder writable?") \
+        raise DashboardError(f"Cannot write into {folder}/: {exc.strerror or exc}. Is the home folder writable?") \
             from None
     return target
+
+
+def save_dataset(name: str, data: bytes, replace: bool = False) -> Path:
+    """An upload into datasets/ (see save_upload)."""
+    return save_upload(name, data, "datasets", replace)
+
+
+def save_format(name: str, data: bytes, replace: bool = False) -> Path:
+    """An upload into formats/ (see save_upload)."""
+    return save_upload(name, data, "formats", replace)
+
+
+def _inside_home(entry: Path, what: str) -> str:
+    """`entry`'s place in the home ("datasets/notes.txt"), its folder's links followed; raises when that folder
+    lies outside the home (a link elsewhere, or the checkout's shipped files under another home)."""
+    home = home_dir().resolve()
+    folder = entry.parent.resolve()
+    if folder != home and home not in folder.parents:
+        raise DashboardError(f"The {what} {entry.name} lies outside the home folder {home} (its folder is "
+                             f"{folder}); it is not deleted from here.")
+    return str((folder / entry.name).relative_to(home))
+
+
+def _dataset_entry(name: str) -> Path:
+    if name not in dataset_names():
+        raise DashboardError(f"There is no dataset {name!r} in datasets/ or training/datasets/ to delete.")
+    name = check_name(name, "dataset")
+    return next(folder / name for folder in datasets_dirs() if os.path.lexists(folder / name))  # as listed
+
+
+def _format_entry(name: str) -> Path:
+    if name not in format_names():
+        raise DashboardError(f"There is no format file {name!r} in formats/ or training/formats/ to delete.")
+    name = check_name(name, "format")
+    entry = next(folder / f"{name}.json" for folder in formats_dirs() if os.path.lexists(folder / f"{name}.json"))
+    if entry.parent.resolve() == (CODE_ROOT / "formats").resolve() and name in SHIPPED_FORMATS:
+        raise DashboardError(f"The format file {name}.json is shipped with the dashboard; it is not deleted.")
+    return entry
+
+
+def deletable_files() -> dict[str, tuple[str, str]]:
+    """What the Data page may delete, by its place in the home ("datasets/notes.txt", "formats/qa.json"):
+    (kind, name) of each dataset and format file a name resolves to, inside the home, not shipped."""
+    found = {}
+    for kind, names, entry_of in (("dataset", dataset_names(), _dataset_entry),
+                                  ("format", format_names(), _format_entry)):
+        for name in names:
+            try:
+                found[_inside_home(entry_of(name), kind)] = (kind, name)
+            except DashboardError:
+                continue
+    return found
+
+
+def delete_dataset(name: str) -> str:
+    """Delete the dataset `name` (a file, a folder of text files, or a link: only the link) from the home's
+    datasets/ or training/datasets/. Returns its place in the home."""
+    entry = _dataset_entry(name)
+    place = _inside_home(entry, "dataset")
+    _remove(entry)
+    return place
+
+
+def delete_format(name: str) -> str:
+    """Delete the format file `name` (without .json) from the home's formats/ or training/formats/; a shipped
+    one never. Returns its place in the home."""
+    entry = _format_entry(name)
+    place = _inside_home(entry, "format file")
+    _remove(entry)
+    return place
+
+
+def delete_file(place: str) -> str:
+    """Delete what `deletable_files` lists under `place`."""
+    listed = deletable_files().get(place)
+    if listed is None:
+        raise DashboardError(f"{place} is not something the Data page can delete (it is gone, shipped with the "
+                             f"dashboard or outside the home folder).")
+    kind, name = listed
+    return delete_dataset(name) if kind == "dataset" else delete_format(name)
+
+
+def _remove(entry: Path) -> None:
+    """Remove a file or a link (never what it points to), or a folder: renamed to a hidden name first, so a
+    delete cut short leaves no half dataset listed."""
+    import shutil
+
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+            return
+        hidden = entry.with_name(f".{entry.name}.deleting")
+        shutil.rmtree(hidden, ignore_errors=True)  # left by a delete cut short
+        entry.rename(hidden)
+        shutil.rmtree(hidden)
+    except OSError as exc:
+        raise DashboardError(f"Cannot delete {entry.name}: {exc.strerror or exc}. Is the home folder writable?") \
+            from None
 
 
 def _text_files_in(folder: Path) -> list[Path]:

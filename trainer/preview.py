@@ -21,13 +21,47 @@ PAGE_SIZES = [5, 10, 25]
 
 
 # ---- the Data page's options -----------------------------------------------------------------------
-def option_rows(kind: str) -> list[list[str]]:
+def option_rows(kind: str, shapes: frozenset[str] | None = None) -> list[list[str]]:
     """The options of this kind of data in form order (the dataset picker itself is drawn apart): a row of
-    values, then a row of switches."""
-    names = [name for name in SAMPLE_OPTIONS if FIELDS[name].metadata["data_kind"] in (None, kind)
-             and name not in DATASET_FIELD.values()]
+    values, then a row of switches. `shapes`: what a formatted dataset's rows were recognised as
+    (`dataset_shapes`); text rows are chunked with the raw-text rules, so they get those options, in a row of
+    their own between the two."""
+    names = [name for name in SAMPLE_OPTIONS if _offered(name, kind, shapes)]
     switches = [name for name in names if FIELDS[name].type == "bool"]
-    return [[name for name in names if name not in switches], switches]
+    values = [name for name in names if name not in switches]
+    rules = [name for name in values if FIELDS[name].metadata["data_kind"] == "raw"] if kind == "formatted" else []
+    return [[name for name in values if name not in rules]] + ([rules] if rules else []) + [switches]
+
+
+def _offered(name: str, kind: str, shapes: frozenset[str] | None) -> bool:
+    """Whether the Data page offers option `name` for this kind of data and these row shapes: an option that
+    would change nothing is not offered (unknown shapes: every option of the kind)."""
+    data_kind = FIELDS[name].metadata["data_kind"]
+    if name in DATASET_FIELD.values():
+        return False
+    if kind == "raw" or not shapes:
+        return data_kind in (None, kind)
+    if data_kind == "raw":
+        return "text" in shapes  # text rows are chunked with the raw-text rules
+    if data_kind is None or name == "format":  # the format file decides which rows are records
+        return True
+    if name == "train_only_after":
+        return "other" in shapes  # it masks records rendered through a format file only
+    return shapes != {"text"}  # the options of rendered rows
+
+
+def dataset_shapes(kind: str, dataset: str | None) -> frozenset[str] | None:
+    """What a formatted dataset's rows are, read cheaply before the options are drawn (trainer/shapes.py);
+    None for raw text, no dataset or one that is not found."""
+    from .datafiles import find_dataset
+    from .shapes import dataset_shapes as shapes_of_file
+
+    if kind != "formatted" or not dataset:
+        return None
+    try:
+        return shapes_of_file(find_dataset(dataset))
+    except DashboardError:
+        return None
 
 
 def data_options(kind: str, dataset: str | None, values: dict[str, Any], base_model: str) -> dict[str, Any]:

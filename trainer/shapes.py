@@ -18,8 +18,10 @@ turns every shape into samples, and `describe` writes the sentence the preview s
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -65,6 +67,30 @@ def recognise(row: dict, fmt=None) -> RowShape | Unmatched:
     if isinstance(row.get("text"), str) and row["text"].strip():
         return RowShape("text", text=row["text"])
     return _unmatched(row, fmt)
+
+
+def dataset_shapes(path: Path) -> frozenset[str]:
+    """The shapes of a dataset's rows before any format file is chosen ("messages", "sharegpt",
+    "prompt-completion", "text", and "other" for rows only a format file may match): what the Data page draws
+    its options for. Read once per file content (size and modification time); empty when the file cannot be
+    read (the preview then says why)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return frozenset()
+    return _shapes_of(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _shapes_of(path: str, mtime_ns: int, size: int) -> frozenset[str]:
+    from .datafiles import load_rows
+    from .errors import DashboardError
+
+    try:
+        rows = load_rows(Path(path))
+    except DashboardError:
+        return frozenset()
+    return frozenset(found.shape if isinstance(found, RowShape) else "other" for found in map(recognise, rows))
 
 
 def _chat(turns: list, shape: str, row: dict) -> RowShape | Unmatched:

@@ -18,12 +18,12 @@ from views.common import (KEEP_WHILE_HIDDEN, field_choices, flash, get_tokenizer
                           show_problems)
 from trainer.charts import histogram
 from trainer.data import special_tokens
-from trainer.datafiles import DATASET_ENDINGS, kind_by_ending, save_dataset
+from trainer.datafiles import (DATASET_ENDINGS, deletable_files, delete_file, kind_by_ending, save_upload,
+                               upload_folder_for, upload_path)
 from trainer.errors import DashboardError
-from trainer.home import check_name, datasets_dir
 from trainer.params import TrainingParameters, read_and_check
-from trainer.preview import (DATASET_FIELD, KINDS, PAGE_SIZES, data_options, option_rows, page_range,
-                             preview_caption, preview_metrics, problem_rows, sample_details, token_runs)
+from trainer.preview import (DATASET_FIELD, KINDS, PAGE_SIZES, data_options, dataset_shapes, option_rows,
+                             page_range, preview_caption, preview_metrics, problem_rows, sample_details, token_runs)
 from trainer.samplecache import cached_build_samples
 
 KEY = "dp_"  # widget keys: dp_<name>
@@ -31,6 +31,7 @@ MODES = {"Raw text": "raw", "Formatted JSON": "formatted"}
 DATASET_KEYS = {"raw": KEY + "dataset_raw", "formatted": KEY + "dataset_formatted"}
 PREFERRED = {"raw_text_file": "user-guide.txt", "dataset": "dashboard-instructions.json", "format": "alpaca-format"}
 UPLOAD_TYPES = [ending.lstrip(".") for ending in DATASET_ENDINGS]
+UPLOAD_FOLDERS = {"datasets/ (a dataset)": "datasets", "formats/ (a format file)": "formats"}
 TITLES = {"special": "special token", "overlap": "shared with the previous chunk",
           "masked": "masked: context only, not trained", "trained": "trained"}
 
@@ -57,44 +58,91 @@ def widget_defaults() -> dict:
             KEY + "page_size": 10, KEY + "page": 1}
 
 
-# ---- upload --------------------------------------------------------------------------------------
-def save_upload(upload_key: str, name_key: str, replace_key: str) -> None:
-    """Write the uploaded bytes into datasets/ (never over a file without consent) and preview them."""
-    data = st.session_state[upload_key].getvalue()
+# ---- upload and delete ---------------------------------------------------------------------------
+def save_uploaded(upload_key: str, name_key: str, replace_key: str, folder_key: str) -> None:
+    """Write the uploaded bytes into datasets/ or formats/ once the preview's readers accept them (never over a
+    file without consent), and show them: a dataset previewed, a format file chosen."""
+    data, folder = st.session_state[upload_key].getvalue(), UPLOAD_FOLDERS[st.session_state[folder_key]]
     try:
-        target = save_dataset(st.session_state.get(name_key, ""), data, bool(st.session_state.get(replace_key)))
+        target = save_upload(st.session_state.get(name_key, ""), data, folder,
+                             bool(st.session_state.get(replace_key)))
     except DashboardError as exc:
         flash("upload", "error", exc.message)
         return
-    kind = kind_by_ending(target.name)
+    kind = "formatted" if folder == "formats" else kind_by_ending(target.name)
     mode = next(mode for mode, k in MODES.items() if k == kind)
-    set_widget_values({KEY + "mode": mode, DATASET_KEYS[kind]: target.name})
-    flash("upload", "success", f"Saved datasets/{target.name} ({len(data):,} bytes).")
+    chosen = {KEY + "format": target.stem} if folder == "formats" else {DATASET_KEYS[kind]: target.name}
+    set_widget_values({KEY + "mode": mode, **chosen})
+    flash("upload", "success", f"Saved {folder}/{target.name} ({len(data):,} bytes).")
     st.session_state[KEY + "uploads"] = st.session_state.get(KEY + "uploads", 0) + 1  # a fresh, empty uploader
 
 
 def upload_box() -> None:
-    with st.expander("Upload a dataset into datasets/"):
+    with st.expander("Upload a dataset or a format file"):
         upload_key = f"{KEY}upload_{st.session_state.get(KEY + 'uploads', 0)}"
-        uploaded = st.file_uploader("A .txt, .json or .jsonl file", type=UPLOAD_TYPES, key=upload_key,
-                                    help="Raw text (.txt, UTF-8) or formatted rows (.json list of objects, .jsonl). "
-                                         "The file is written only into the home folder's datasets/.")
+        uploaded = st.file_uploader(
+            "A dataset (.txt, .md, .json, .jsonl, .csv, .tsv, .parquet) or a format file (.json)", type=UPLOAD_TYPES,
+            key=upload_key, help="Raw text (.txt, .md; UTF-8), rows (.json list of objects, .jsonl, .csv, .tsv, "
+                                 ".parquet) or a format file (a .json object of templates). It is checked as the "
+                                 "preview reads it, then written only into the home folder's datasets/ or formats/.")
         if uploaded is not None:
-            name_key, replace_key = f"{KEY}up_name_{uploaded.file_id}", f"{KEY}up_replace_{uploaded.file_id}"
-            name = st.text_input("Save as", value=uploaded.name, key=name_key,
-                                 help="A plain file name: letters, digits, spaces, '.', '_' and '-'.")
+            keys = {part: f"{KEY}up_{part}_{uploaded.file_id}" for part in ("name", "replace", "folder")}
+            suggested = list(UPLOAD_FOLDERS.values()).index(upload_folder_for(uploaded.name, uploaded.getvalue()))
+            columns = st.columns([3, 2])
+            name = columns[0].text_input("Save as", value=uploaded.name, key=keys["name"],
+                                         help="A plain file name: letters, digits, spaces, '.', '_' and '-'.")
+            folder = UPLOAD_FOLDERS[columns[1].radio("Save into", list(UPLOAD_FOLDERS), index=suggested,
+                                                     key=keys["folder"], horizontal=True)]
             try:
-                exists = (datasets_dir() / check_name(name, "file name")).exists()
+                exists = upload_path(name, folder).exists()
             except DashboardError as exc:
                 exists = False
                 show_error(exc)
             if exists:
-                st.warning(f"datasets/{name.strip()} already exists.")
-                st.checkbox("Replace the existing file", key=replace_key)
-            st.button("Save into datasets/", key=KEY + "up_save", on_click=save_upload,
-                      args=(upload_key, name_key, replace_key),
-                      disabled=exists and not st.session_state.get(replace_key, False))
+                st.warning(f"{folder}/{name.strip()} already exists.")
+                st.checkbox("Replace the existing file", key=keys["replace"])
+            st.button(f"Save into {folder}/", key=KEY + "up_save", on_click=save_uploaded,
+                      args=(upload_key, keys["name"], keys["replace"], keys["folder"]),
+                      disabled=exists and not st.session_state.get(keys["replace"], False))
         show_flash("upload")
+
+
+def ask_to_delete(place: str | None) -> None:
+    st.session_state[KEY + "delete_asked"] = place  # the confirmation shows while it names the chosen file
+
+
+def delete_now(place: str) -> None:
+    ask_to_delete(None)
+    try:
+        flash("delete", "success", f"Deleted {delete_file(place)}.")
+    except DashboardError as exc:
+        flash("delete", "error", exc.message)
+
+
+def delete_box() -> None:
+    """A dataset or format file of the home deleted after a confirmation; the pickers list what is left."""
+    with st.expander("Delete a dataset or a format file"):
+        files = list(deletable_files())
+        if files:
+            place = st.selectbox("File", files, key=KEY + "delete_choice", on_change=ask_to_delete, args=(None,),
+                                 help="Datasets and format files in the home folder's datasets/ and formats/ (and a "
+                                      "webui's training/). The format files shipped with the dashboard are not listed.")
+            # The question and its answers take the places of an empty slot and the Delete button, element for
+            # element, so neither state stays on the page while the rest of the run (the preview) is drawn.
+            asked = st.session_state.get(KEY + "delete_asked") == place
+            question = st.empty()
+            with st.container(horizontal=True):
+                if not asked:
+                    st.button("Delete", key=KEY + "delete", on_click=ask_to_delete, args=(place,))
+                    st.empty()
+                else:
+                    question.warning(f"Really delete {place}? It cannot be undone.")
+                    st.button(f"Delete {place}", key=KEY + "delete_confirm", type="primary", on_click=delete_now,
+                              args=(place,))
+                    st.button("Cancel", key=KEY + "delete_cancel", on_click=ask_to_delete, args=(None,))
+        else:
+            st.caption("Nothing to delete: no dataset or format file of your own in the home folder.")
+        show_flash("delete")
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -204,16 +252,18 @@ with top[0]:
     parameter_widget("base_model", KEY + "model")
 with top[1]:
     mode = st.radio("Data", list(MODES), key=KEY + "mode", horizontal=True, persist_state=KEEP_WHILE_HIDDEN,
-                    help="Raw text: .txt files cut into overlapping chunks. Formatted: JSON rows rendered through "
-                         "a format file (or the chat template for rows with messages).")
+                    help="Raw text: .txt and .md files cut into overlapping chunks. Formatted: rows (.json, .jsonl, "
+                         ".csv, .tsv, .parquet) read by their shape: chat rows through a chat template, "
+                         "prompt/completion, text rows chunked like raw text, or records through a format file.")
 kind = MODES[mode]
 with top[2]:
     slots = {DATASET_FIELD[kind]: parameter_widget(DATASET_FIELD[kind], DATASET_KEYS[kind], required=True,
                                                    preferred=PREFERRED[DATASET_FIELD[kind]])}
 upload_box()
+delete_box()
 
 st.markdown("**Options**")
-rows = option_rows(kind)
+rows = option_rows(kind, dataset_shapes(kind, st.session_state[DATASET_KEYS[kind]]))
 slots.update(options_form(rows))
 shown = [name for row in rows for name in row]
 model, dataset = st.session_state[KEY + "model"], st.session_state[DATASET_KEYS[kind]]
