@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 
 from .data import Preview, Problem, Sample, encode_with_offsets, sample_stats, special_tokens
-from .datafiles import raw_text_files, read_text_file
+from .datafiles import no_text_error, raw_text_files, read_text_file
 from .errors import DashboardError
 from .home import resolve_user_path
 from .params import overlap_problem
@@ -147,9 +147,7 @@ def build_raw_samples(params, tokenizer) -> Preview:
         else:
             kept.append((index, text, name))
     if not kept:
-        raise DashboardError(
-            "No text left to train on: every block is empty or shorter than the minimum block size "
-            f"({len(blocks)} block{'s' if len(blocks) != 1 else ''} after cutting at the hard cut string).")
+        raise no_text_error(len(blocks))
 
     samples = []
     for (index, text, name), (ids, offsets) in zip(kept, encode_ahead(tokenizer, [t for _, t, _ in kept])):
