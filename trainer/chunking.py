@@ -12,7 +12,6 @@ import numpy as np
 
 from .data import Preview, Problem, Sample, encode_with_offsets, sample_stats, special_tokens
 from .datafiles import no_text_error, raw_text_files, read_text_file
-from .errors import DashboardError
 from .home import resolve_user_path
 from .params import overlap_problem
 
