@@ -44,7 +44,7 @@ run: setup
 test: test-setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Three interleaved rounds of (a)-(d); about 20 minutes on a quiet 2-core machine (bench/RESULTS.md).
+# Three interleaved rounds of (a)-(d); about 23 minutes on a quiet 2-core machine (bench/RESULTS.md).
 bench: test-setup
 	mkdir -p bench/out
 	$(PY) bench/train_throughput.py --json bench/out/throughput.json

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=["raw", "alpaca"], default="raw",
                         help="the demo raw text (default) or the demo Alpaca-style set")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="LoRA dropout (default 0.05, the trainer's default; 0 skips peft's dropout masks)")
     args = parser.parse_args(argv)
 
     import torch
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
            {"dataset": "dashboard-instructions.json", "format": "alpaca-format", "skip_unmatched_rows": True}),
         "overlap_len": min(128, args.cutoff_len // 2), "micro_batch_size": args.micro_batch_size,
         "batch_size": args.micro_batch_size, "lora_rank": 8, "lora_alpha": 16, "target_modules": "q-k-v-o",
+        "lora_dropout": args.lora_dropout,
         "packing": not args.no_packing, "seed": 0})
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # as the trainer does
     keep_freed_memory_for_reuse()

@@ -2,7 +2,7 @@
 
 In one run, on the same model, the same samples (the ones `trainer.data.build_samples` makes, so the
 work is identical), the same LoRA settings, optimiser (AdamW), seed, batch size and number of trained
-(non-padding) tokens, it times three pipelines, each in its own process so that its peak resident
+(non-padding) tokens, it times four pipelines, each in its own process so that its peak resident
 memory is its own:
 
   (a) alpaca-lora / text-generation-webui style: transformers `Trainer` + peft, every sample padded to
@@ -10,15 +10,22 @@ memory is its own:
   (b) the best plain transformers baseline: `Trainer` with `DataCollatorForSeq2Seq(pad_to_multiple_of=8)`
       and length-grouped batches;
   (c) this project's trainer as a user runs it: `python -m trainer train --run-dir DIR` (packing off,
-      its default, and again with packing on).
+      its default, and again with packing on);
+  (d) TRL's `SFTTrainer` (what LLaMA-Factory, axolotl and Unsloth train through), given the samples as
+      `input_ids` + `completion_mask` with `completion_only_loss=True`, length-grouped, padded to the
+      longest sample of each micro-batch; and again padding-free (`--trl-padding-free`, on by default:
+      bench/hf_pipelines.py says why it may lose on a CPU); the (c)/(d) goal is judged against the faster.
 
 Every pipeline makes one pass (one epoch) over the same N samples with micro batch = batch size, so each
-trains exactly the same tokens. It prints useful (non-padding) tokens per second, padding fraction,
-peak RSS, training-loop and total wall time, losses, the ratios (c)/(a) and (c)/(b), and (c)'s achieved
-model FLOP rate as a fraction of this machine's float32 matrix-product rate, measured in the same run.
+trains exactly the same tokens. The pipelines run in interleaved rounds (a, b, c, d, a, b, c, d, ...;
+--rounds, default 3); ratios are computed inside each round and reported as the median with the
+spread (min-max) of the rounds, and each goal is met only when its worst round meets it (bench/rounds.py).
+It prints useful (non-padding) tokens per second, padding fraction, peak RSS, training-loop and total wall
+time, losses, the ratios (c)/(a), (c)/(b), (c)/(d), and (c)'s achieved model FLOP rate as a fraction of
+this machine's float32 matrix-product rate, measured in the same run.
 
-`--quick` uses a tiny random Llama (hidden 64, 2 layers, the real tokenizer) and a few samples: a smoke
-test for CI that runs every pipeline in well under a minute. `--json OUT` writes every number.
+`--quick` uses a tiny random Llama (hidden 64, 2 layers, the real tokenizer), a few samples and 2 rounds:
+a smoke test for CI of the same code path. `--json OUT` writes every number, every round included.
 """
 
 from __future__ import annotations
@@ -40,12 +47,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import rounds  # noqa: E402  (the checkout must be on sys.path first)
+
 PIPELINES = {
     "a": "(a) Trainer, padded to cutoff",
     "b": "(b) Trainer, dynamic pad + grouped",
     "c": "(c) python -m trainer",
     "c_pack": "(c) same, packing on",
+    "d": "(d) TRL SFTTrainer, grouped",
+    "d_pf": "(d) same, padding-free",
 }
+HF_PIPELINES = ("a", "b", "d", "d_pf")  # run by bench/hf_pipelines.py
 FLOP_FORMULA = (
     "model FLOPs per sample of L tokens = (4*N_lin + 6*N_lora)*L + 3 * 4*layers*d_attn * L(L+1)/2, where "
     "N_lin = weights of every Linear layer of the base model incl. lm_head (forward 2*N_lin per token; the backward "
@@ -55,115 +67,6 @@ FLOP_FORMULA = (
     "real tokens count: FLOPs spent on padding, or on masked-out attention across packed samples, are not useful. "
     "Not counted: embedding lookup, norms, activations, softmax, cross-entropy, optimiser (memory-bound, small)."
 )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Workers: (a) and (b) run here, in their own process
-
-
-def hf_worker(spec: dict) -> None:
-    """Train one epoch over the samples with transformers' Trainer + peft; write the numbers to spec['result']."""
-    import dataclasses
-
-    from trainer.data import IGNORE_INDEX, build_samples
-    from trainer.models import load_tokenizer, model_path
-    from trainer.params import TrainingParameters
-
-    # The checkout's demo folder datasets/ would pass for the `datasets` package (a namespace package) once
-    # the checkout is on sys.path, and Trainer would then take it for the real one and fail. The trainer
-    # package is imported now; the checkout can leave sys.path.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
-
-    pipeline = spec["pipeline"]
-    params = TrainingParameters.from_dict(spec["params"])
-    tokenizer = load_tokenizer(params.base_model)
-    tokenizer.padding_side = "right"  # Llama takes positions from 0 on: padding must come last
-    samples = build_samples(params, tokenizer).samples
-    pad = tokenizer.pad_token_id
-    features = []
-    for s in samples:
-        ids, labels = list(s.input_ids), s.labels()
-        if pipeline == "a":  # as alpaca-lora's tokenize(padding="max_length"): every sample cutoff_len long
-            extra = params.cutoff_len - len(ids)
-            features.append({"input_ids": ids + [pad] * extra, "attention_mask": [1] * len(ids) + [0] * extra,
-                             "labels": labels + [IGNORE_INDEX] * extra})
-        else:
-            features.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-
-    torch.manual_seed(params.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_path(params.base_model), dtype=torch.float32)
-    model.config.use_cache = False  # as alpaca-lora does
-    model = get_peft_model(model, LoraConfig(
-        r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-        target_modules=params.lora_target_modules(), bias="none", task_type="CAUSAL_LM"))
-
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX,
-                                      return_tensors="pt")
-    counts = {"positions": 0, "real": 0, "batches": 0}
-
-    def counting_collator(batch_features):
-        batch = collator(batch_features)
-        counts["positions"] += batch["input_ids"].numel()
-        counts["real"] += int(batch["attention_mask"].sum())
-        counts["batches"] += 1
-        return batch
-
-    class Clock(TrainerCallback):
-        begin = last = None
-        losses: list = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            Clock.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            Clock.last = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                Clock.losses.append(float(logs["loss"]))
-
-    kwargs = dict(
-        output_dir=spec["work_dir"], per_device_train_batch_size=params.micro_batch_size,
-        gradient_accumulation_steps=params.gradient_accumulation_steps, num_train_epochs=1,
-        learning_rate=params.learning_rate, lr_scheduler_type=params.lr_scheduler_type,
-        warmup_steps=params.warmup_steps, optim="adamw_torch", weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
-        seed=params.seed, use_cpu=True, dataloader_num_workers=0, dataloader_pin_memory=False,
-        remove_unused_columns=False, disable_tqdm=True)
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    grouped = pipeline == "b"
-    if "group_by_length" in names:
-        kwargs["group_by_length"] = grouped
-    elif grouped:
-        kwargs["train_sampling_strategy"] = "group_by_length"  # transformers 5 renamed the switch
-    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=features,
-                      data_collator=counting_collator, processing_class=tokenizer, callbacks=[Clock()])
-    started = time.perf_counter()
-    output = trainer.train()
-    ended = time.perf_counter()
-    result = {
-        "pipeline": pipeline, "samples": len(features), "steps": int(output.global_step),
-        "loop_s": (Clock.last or ended) - (Clock.begin or started), "train_call_s": ended - started,
-        "useful_tokens": counts["real"], "positions": counts["positions"], "batches": counts["batches"],
-        "losses": Clock.losses, "threads": torch.get_num_threads(), "vm_hwm_kb": vm_hwm_kb(),
-        "load_s": started - spec["t0"] if "t0" in spec else None,
-    }
-    Path(spec["result"]).write_text(json.dumps(result))
-
-
-def vm_hwm_kb() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +134,8 @@ def tail(path: str, lines: int = 30) -> str:
 
 def run_hf(pipeline: str, params: dict, work: Path, env: dict, timeout: float) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"pipeline": pipeline, "params": params, "work_dir": str(work / "out"), "result": str(work / "result.json")}
+    spec = {"pipeline": pipeline, "params": params, "work_dir": str(work / "out"), "result": str(work / "result.json"),
+            "trl_padding_free": pipeline == "d_pf"}
     (work / "spec.json").write_text(json.dumps(spec))
     child = run_child([sys.executable, str(Path(__file__).resolve()), "--worker", str(work / "spec.json")], env,
                       work / "log.txt", timeout)
@@ -436,19 +340,29 @@ def summarise(result: dict, flops: float, matmul: float) -> dict:
     return result
 
 
-def run_dataset(kind: str, args, home: Path, env: dict, base: dict, tokenizer, dims: dict, matmul: float,
-                pipelines: list[str], work: Path, matmul_samples: list[float], matmul_size: tuple) -> dict:
-    from trainer.data import build_samples
+def run_pipeline(pipeline: str, args, params: dict, home: Path, env: dict, work: Path, lengths: list[int]) -> dict:
+    """One timing of one pipeline, in its own process."""
     from trainer.params import TrainingParameters
 
-    params, description = prepare_dataset(kind, args.samples, home, base, tokenizer, args.seed)
-    built = build_samples(TrainingParameters.from_dict(params), tokenizer).samples
-    lengths = [s.n_tokens for s in built]
-    useful = sum(lengths)
-    flops = sample_flops(lengths, dims)
-    print(f"\n== {kind}: {description}\n   {len(built)} samples, {useful} tokens (mean {useful / len(built):.0f}, "
-          f"max {max(lengths)}, cutoff {params['cutoff_len']}); every pipeline trains each sample once.", flush=True)
-    results = {}
+    if pipeline in HF_PIPELINES:
+        return run_hf(pipeline, params, work, env, args.timeout)
+    run_params = dict(params)
+    if pipeline in args.packing_of:
+        run_params["packing"] = args.packing_of[pipeline]
+    result = run_project(pipeline, run_params, home, env, args.timeout)
+    result["packing"] = run_params.get("packing")
+    layout = project_layout(lengths, TrainingParameters.from_dict(run_params))
+    if layout:
+        result["positions"] = layout["positions"]
+        result["rows"] = layout["rows"]
+    return result
+
+
+def timed_round(kind: str, round_no: int, args, params: dict, home: Path, env: dict, work: Path, lengths: list[int],
+                flops: float, matmul: float, pipelines: list[str], matmul_samples: list[float],
+                matmul_size: tuple) -> dict:
+    """One round: every pipeline once, in order; a disturbed timing is retried up to --retries times."""
+    row = {}
     for pipeline in pipelines:
         tries = []
         for attempt in range(1 + max(0, args.retries)):
@@ -456,20 +370,10 @@ def run_dataset(kind: str, args, home: Path, env: dict, base: dict, tokenizer, d
                 wait_for_quiet(args.wait_quiet)
             # The machine's matmul rate is sampled before every pipeline too; the best sample is the reference.
             matmul_samples.append(matmul_rate(*matmul_size))
-            print(f"   running {PIPELINES[pipeline]} ...", end=" ", flush=True)
-            if pipeline in ("a", "b"):
-                result = run_hf(pipeline, params, work / f"{kind}-{pipeline}-{attempt}", env, args.timeout)
-            else:
-                run_params = dict(params)
-                if pipeline in args.packing_of:
-                    run_params["packing"] = args.packing_of[pipeline]
-                result = run_project(pipeline, run_params, home, env, args.timeout)
-                result["packing"] = run_params.get("packing")
-                layout = project_layout(lengths, TrainingParameters.from_dict(run_params))
-                if layout:
-                    result["positions"] = layout["positions"]
-                    result["rows"] = layout["rows"]
-            result["samples"] = len(built)
+            print(f"   round {round_no + 1}: {PIPELINES[pipeline]} ...", end=" ", flush=True)
+            result = run_pipeline(pipeline, args, params, home, env,
+                                  work / f"{kind}-{pipeline}-r{round_no}-{attempt}", lengths)
+            result["samples"] = len(lengths)
             summarise(result, flops, matmul)
             tries.append(result)
             print(f"{result['useful_tokens_per_s']:.1f} useful tok/s, loop {result['loop_s']:.1f} s, "
@@ -483,17 +387,29 @@ def run_dataset(kind: str, args, home: Path, env: dict, base: dict, tokenizer, d
         best = min(tries, key=lambda r: r["other_cpu_share"])
         best["tries"] = [{k: r[k] for k in ("useful_tokens_per_s", "loop_s", "other_cpu_share", "peak_rss_mb")}
                          for r in tries]
-        results[pipeline] = best
-    ratios = {}
-    if "c" in results:
-        for other in ("a", "b", "c_pack"):
-            if other in results and results[other]["useful_tokens_per_s"]:
-                ratios[f"c/{other}"] = results["c"]["useful_tokens_per_s"] / results[other]["useful_tokens_per_s"]
-        if "a" in results:
-            ratios["rss c/a"] = results["c"]["peak_rss_mb"] / results["a"]["peak_rss_mb"]
+        row[pipeline] = best
+    return row
+
+
+def run_dataset(kind: str, args, home: Path, env: dict, base: dict, tokenizer, dims: dict, matmul: float,
+                pipelines: list[str], work: Path, matmul_samples: list[float], matmul_size: tuple) -> dict:
+    from trainer.data import build_samples
+    from trainer.params import TrainingParameters
+
+    params, description = prepare_dataset(kind, args.samples, home, base, tokenizer, args.seed)
+    built = build_samples(TrainingParameters.from_dict(params), tokenizer).samples
+    lengths = [s.n_tokens for s in built]
+    useful = sum(lengths)
+    flops = sample_flops(lengths, dims)
+    print(f"\n== {kind}: {description}\n   {len(built)} samples, {useful} tokens (mean {useful / len(built):.0f}, "
+          f"max {max(lengths)}, cutoff {params['cutoff_len']}); every pipeline trains each sample once, "
+          f"{args.rounds} interleaved rounds.", flush=True)
+    per_round = [timed_round(kind, n, args, params, home, env, work, lengths, flops, matmul, pipelines,
+                             matmul_samples, matmul_size) for n in range(args.rounds)]
     return {"description": description, "params": params, "samples": len(built), "useful_tokens": useful,
-            "model_flops": flops, "pipelines": results, "ratios": ratios,
-            "equal_tokens": len({r["useful_tokens"] for r in results.values()}) == 1}
+            "model_flops": flops, "rounds": per_round, "pipelines": rounds.summarise_rounds(per_round),
+            "ratios": rounds.round_ratios(per_round),
+            "equal_tokens": len({r["useful_tokens"] for row in per_round for r in row.values()}) == 1}
 
 
 def fmt(value, spec: str, missing: str = "n/a") -> str:
@@ -504,44 +420,32 @@ def fmt(value, spec: str, missing: str = "n/a") -> str:
 
 def print_table(kind: str, data: dict) -> None:
     head = (f"{'pipeline':<36} {'steps':>5} {'useful tok':>10} {'pad %':>6} {'loop s':>7} {'total s':>7} "
-            f"{'useful tok/s':>12} {'GFLOP/s':>8} {'% matmul':>8} {'peak RSS MB':>11} {'final loss':>10} "
-            f"{'mean loss':>9} {'others %':>8}")
+            f"{'useful tok/s':>12} {'min-max tok/s':>15} {'GFLOP/s':>8} {'% matmul':>8} {'peak RSS MB':>11} "
+            f"{'final loss':>10} {'mean loss':>9} {'others %':>8}")
     print(f"\n{kind}: {data['samples']} samples, {data['useful_tokens']} useful tokens, "
-          f"{data['model_flops'] / 1e12:.3f} model TFLOP")
+          f"{data['model_flops'] / 1e12:.3f} model TFLOP; each row is the pipeline's median round of "
+          f"{len(data['rounds'])}")
     print(head)
     print("-" * len(head))
     for key, r in data["pipelines"].items():
         pad = r["padding_fraction"] * 100 if r["padding_fraction"] is not None else None
+        speeds = r["useful_tokens_per_s_spread"]
         print(f"{PIPELINES[key]:<36} {r['steps']:>5} {r['useful_tokens']:>10} {fmt(pad, '6.1f'):>6} "
               f"{r['loop_s']:>7.1f} {r['total_s']:>7.1f} {r['useful_tokens_per_s']:>12.1f} "
+              f"{speeds['min']:>7.1f}-{speeds['max']:<7.1f} "
               f"{r['flops_per_s'] / 1e9:>8.1f} {fmt(r['fraction_of_matmul'] and r['fraction_of_matmul'] * 100, '7.1f'):>8} "
               f"{r['peak_rss_mb']:>11.0f} {fmt(r['final_loss'], '10.4f'):>10} {fmt(r['mean_loss'], '9.4f'):>9} {100 * r['other_cpu_share']:>8.0f}")
-    names = {"c/a": "(c)/(a)", "c/b": "(c)/(b)", "c/c_pack": "(c) packing off/on"}
-    speed = ", ".join(f"{names[k]} = {v:.2f}" for k, v in data["ratios"].items() if k in names)
-    rss = data["ratios"].get("rss c/a")
-    print(f"useful tokens/s: {speed}" + (f"; peak RSS (c)/(a) = {rss:.2f}" if rss is not None else ""))
+    shown = [k for k in data["ratios"] if k in rounds.RATIO_NAMES and (k != "c/d_best" or "c/d_pf" in data["ratios"])]
+    speed = ", ".join(f"{rounds.RATIO_NAMES[k]} = {data['ratios'][k]['median']:.2f} "
+                      f"({data['ratios'][k]['min']:.2f}-{data['ratios'][k]['max']:.2f})" for k in shown)
+    if speed:
+        print(f"useful tokens/s, median (min-max) of the rounds' ratios: {speed}")
+    rss = ", ".join(f"{name} = {data['ratios'][key]['median']:.2f} (max {data['ratios'][key]['max']:.2f})"
+                    for key, name in (("rss c/b", "(c)/(b)"), ("rss c/a", "(c)/(a)")) if key in data["ratios"])
+    if rss:
+        print(f"peak RSS: {rss}")
     if not data["equal_tokens"]:
         print("WARNING: the pipelines did not train the same number of tokens!")
-
-
-def goals(report: dict) -> list[dict]:
-    found = []
-    alpaca, raw = report["datasets"].get("alpaca"), report["datasets"].get("raw")
-    if alpaca and "c/a" in alpaca["ratios"]:
-        found.append({"goal": "(c)/(a) useful tokens/s >= 2.0 on the Alpaca-style set",
-                      "value": alpaca["ratios"]["c/a"], "met": alpaca["ratios"]["c/a"] >= 2.0})
-    if alpaca and "c/b" in alpaca["ratios"]:
-        found.append({"goal": "(c)/(b) useful tokens/s >= 1.2 on the Alpaca-style set",
-                      "value": alpaca["ratios"]["c/b"], "met": alpaca["ratios"]["c/b"] >= 1.2})
-    for kind, data in report["datasets"].items():
-        if "rss c/a" in data["ratios"]:
-            found.append({"goal": f"peak RSS (c) <= (a) on {kind} (ratio (c)/(a))", "value": data["ratios"]["rss c/a"],
-                          "met": data["ratios"]["rss c/a"] <= 1.0})
-    if raw and "c" in raw["pipelines"]:
-        fraction = raw["pipelines"]["c"]["fraction_of_matmul"]
-        found.append({"goal": "(c) >= 60% of the float32 matmul rate on raw text", "value": fraction, "percent": True,
-                      "met": fraction is not None and fraction >= 0.6})
-    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="(c) with packing off (the trainer's default), on, or both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per pipeline")
     parser.add_argument("--keep", action="store_true", help="keep the temporary home folder")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds: every pipeline is timed once per round (default 3; --quick 2)")
+    parser.add_argument("--pipelines", default=None, metavar="LIST",
+                        help="comma-separated subset of a,b,c,d (default all; c_pack follows --packing)")
+    parser.add_argument("--trl-padding-free", choices=["off", "both"], default=None,
+                        help="both: run (d) again with TRL's padding_free=True (one concatenated row per micro-batch), "
+                             "and judge (c)/(d) against the faster of the two in each round (default both; --quick off)")
     parser.add_argument("--retries", type=int, default=0,
                         help="run a pipeline again (up to this many times) when other processes disturbed it; the "
                              "least disturbed try counts")
@@ -572,10 +483,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         spec = json.loads(Path(args.worker).read_text())
         spec["t0"] = time.perf_counter()
-        hf_worker(spec)
+        from bench.hf_pipelines import run_worker
+
+        run_worker(spec)
         return 0
 
     args.samples = args.samples or (12 if args.quick else 32)
+    args.rounds = (2 if args.quick else 3) if args.rounds is None else args.rounds
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1: each round times every pipeline once.")
+    chosen = [p.strip() for p in (args.pipelines or "a,b,c,d").split(",") if p.strip()]
+    if not chosen or set(chosen) - {"a", "b", "c", "d"}:
+        parser.error(f"--pipelines takes a comma-separated subset of a,b,c,d, not {args.pipelines!r}.")
     cutoff = args.cutoff_len or (128 if args.quick else 256)
     started = time.perf_counter()
     from trainer.home import HOME_ENV
@@ -610,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         has_packing = "packing" in TrainingParameters.__dataclass_fields__
         # (c) is the trainer as a user runs it (packing off, its default, unless --packing on); with
         # --packing both, c_pack runs it again with packing on to show what packing buys.
-        pipelines = ["a", "b", "c"] + (["c_pack"] if has_packing and args.packing == "both" else [])
+        pipelines = [p for p in ("a", "b", "c", "d") if p in chosen]
+        if "d" in chosen and (args.trl_padding_free or ("off" if args.quick else "both")) == "both":
+            pipelines.insert(pipelines.index("d") + 1, "d_pf")
+        if "c" in chosen and has_packing and args.packing == "both":
+            pipelines.insert(pipelines.index("c") + 1, "c_pack")
         args.packing_of = {"c": args.packing == "on", "c_pack": True} if has_packing else {}
 
         machine = machine_info()
@@ -650,8 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         # The fractions use the best of the measurements (at the start, before every pipeline, at the end):
         # a disturbed measurement can only make the machine look slower than it is.
         for data in report["datasets"].values():
-            for r in data["pipelines"].values():
+            for r in [*data["pipelines"].values(), *(r for row in data["rounds"] for r in row.values())]:
                 r["fraction_of_matmul"] = r["flops_per_s"] / matmul
+            data["fractions_of_matmul"] = rounds.fractions_of_matmul(data["rounds"], matmul)
         report["matmul"] = {"size": size, "repeats": repeats, "flops_per_s": matmul, "measurements": rates,
                             "model_shaped": {"m": rows, "k": dims["hidden"], "n": dims["intermediate"],
                                              "flops_per_s": shaped}}
@@ -665,11 +589,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n(others %: share of the machine's CPUs that other processes used during that pipeline; "
               "0 means an undisturbed timing. useful tok = non-padding input tokens; loop s excludes start-up and "
               "model loading, total s is the whole process.)")
-        report["goals"] = goals(report)
+        report["goals"] = rounds.goals(report["datasets"])
         print("\nGoals:")
         for goal in report["goals"]:
-            shown = fmt(goal["value"] * 100, ".1f") + " %" if goal.get("percent") else fmt(goal["value"], ".2f")
-            print(f"  [{'met' if goal['met'] else 'MISSED'}] {goal['goal']}: {shown}")
+            print(f"  {rounds.goal_line(goal)}")
         report["wall_s"] = time.perf_counter() - started
         print(f"\nBenchmark wall time {report['wall_s']:.0f} s; load average now {os.getloadavg()[0]:.2f}.")
         if args.json:
