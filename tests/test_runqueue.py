@@ -158,3 +158,34 @@ def test_two_processes_that_finish_at_the_same_moment_start_the_next_run_once(ho
         assert len(live) == 1, [r.name for r in live]
         finish(live[0])
     assert log.read_text().split() == ["s0", "s1", "s2", "s3", "s4"]
+
+
+def test_the_queue_as_the_train_page_lists_it(home, sleeper):
+    """runs.queue_rows: each waiting run with its device in words, its place among the runs of that device,
+    what it does when it starts, and the live runs a "start now" would run it beside."""
+    from trainer.runs import queue_rows
+
+    for name, device in (("c1", "cpu"), ("g1", "cuda:0"), ("c2", "cpu")):
+        runqueue.add(prepared(home, name), device)
+    runqueue.add(prepared(home, "again"), "cpu", mode="resume", checkpoint="checkpoint-4")
+    live = prepared(home, "live")
+    write_json_atomic(live / "status.json", {"state": "running", "device": "cpu", **process_identity(sleeper.pid)})
+    rows = queue_rows()
+    assert [(r["name"], r["device"], r["place"], r["of"], r["mode"]) for r in rows] == [
+        ("c1", "the CPU", 1, 3, "start"), ("g1", "GPU 0", 1, 1, "start"), ("c2", "the CPU", 2, 3, "start"),
+        ("again", "the CPU", 3, 3, "resume from checkpoint-4")]
+    assert [r["beside"] for r in rows] == [["live"], [], ["live"], ["live"]]
+    assert all(r["queued_at"] for r in rows)
+    runqueue.move("again", -5)
+    assert [r["name"] for r in queue_rows()] == ["again", "c1", "g1", "c2"]  # the GPU's run keeps its place
+
+
+def test_an_action_on_a_run_that_left_the_queue_says_so(home, sleeper):
+    run_dir = prepared(home, "gone")
+    runqueue.add(run_dir, "cpu")
+    runqueue.cancel(run_dir)
+    for action in (lambda: runqueue.move("gone", 1), lambda: runqueue.cancel(run_dir),
+                   lambda: runqueue.start_one("gone", fake_start(sleeper), run_folders(home))):
+        with pytest.raises(DashboardError, match="gone is no longer waiting in the queue: it has started or was "
+                                                 "cancelled."):
+            action()

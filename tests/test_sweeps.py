@@ -59,3 +59,40 @@ def test_a_sweep_file(tmp_path):
     path.write_text("[1, 2]")
     with pytest.raises(DashboardError, match="base"):
         sweeps.read_sweep_file(path)
+
+
+def test_the_page_offers_every_numeric_or_choice_parameter_and_no_name_file_or_switch():
+    offered = sweeps.sweepable_parameters()
+    for name in ("learning_rate", "lora_rank", "lora_alpha", "lora_dropout", "epochs", "cutoff_len",
+                 "micro_batch_size", "lr_scheduler_type", "optimizer", "target_modules"):
+        assert name in offered, name
+    for name in ("lora_name", "base_model", "dataset", "raw_text_file", "format", "eval_dataset", "chat_template",
+                 "packing", "hard_cut_string", "custom_target_modules", "train_only_after"):
+        assert name not in offered, name
+    assert offered == [n for n in sweeps.FIELDS if n in offered], "in form order"
+
+
+def test_the_pages_lists_of_values_are_read_and_a_bad_one_named_at_its_field():
+    swept, problems = sweeps.read_sweep_texts({"learning_rate": "1e-4, 2e-4", "lora_rank": "8, eight",
+                                               "optimizer": "sgd, adamw_torch"})
+    assert swept == {"learning_rate": [1e-4, 2e-4], "optimizer": ["sgd", "adamw_torch"]}
+    assert [(p.field, p.message) for p in problems] == [("lora_rank", "LoRA rank must be a whole number; got 'eight'.")]
+
+
+def test_a_planned_sweep_names_its_runs_and_refuses_what_launch_refuses(home):
+    base = TrainingParameters(lora_name="exp", raw_text_file="user-guide.txt", cutoff_len=64, overlap_len=16)
+    runs = sweeps.plan_sweep(base, {"lora_rank": [4, 8]})
+    assert [r.lora_name for r in runs] == ["exp-r4", "exp-r8"]
+    with pytest.raises(DashboardError) as info:  # the failing combination is named
+        sweeps.plan_sweep(base, {"lora_rank": [4, 8], "overlap_len": [16, 64]})
+    assert info.value.message.startswith("exp-r4-overlap_len64: Overlap length (64)") and info.value.field == \
+        "overlap_len"
+    (home / "loras" / "exp-r8").mkdir()
+    with pytest.raises(DashboardError, match="A LoRA named exp-r8 already exists"):
+        sweeps.plan_sweep(base, {"lora_rank": [4, 8]})
+    with pytest.raises(DashboardError, match="A LoRA named exp-r8 already exists"):
+        sweeps.launch_sweep(base, {"lora_rank": [4, 8]})
+    assert sorted(p.name for p in (home / "loras").iterdir()) == ["exp-r8"]  # nothing written
+    sweeps.record_experiment("other", {"lora_rank": [4]}, ["other-r4"])
+    with pytest.raises(DashboardError, match="An experiment named other already exists"):
+        sweeps.plan_sweep(base, {"lora_rank": [4]}, name="other")

@@ -111,19 +111,25 @@ def entry(name: str) -> dict | None:
     return next((e for e in read_queue() if e["name"] == name), None)
 
 
-def waiting_for(device: str) -> list[str]:
-    """The runs queued for hardware `device` shares, in order."""
-    return [e["name"] for e in read_queue() if devices_meet(e["device"], device)]
+def waiting_for(device: str, entries: list[dict] | None = None) -> list[str]:
+    """The runs queued for hardware `device` shares, in order (`entries`: the queue as already read)."""
+    return [e["name"] for e in (read_queue() if entries is None else entries) if devices_meet(e["device"], device)]
 
 
-def position(name: str) -> int | None:
-    """A run's place in its device's queue (1 is next), or None when it is not queued."""
-    entries = read_queue()
+def position(name: str, entries: list[dict] | None = None) -> int | None:
+    """A run's place in its device's queue (1 is next), or None when it is not queued; `entries`: the queue
+    as already read (default: read it now)."""
+    entries = read_queue() if entries is None else entries
     mine = next((e for e in entries if e["name"] == name), None)
     if mine is None:
         return None
     same = [e for e in entries if devices_meet(e["device"], mine["device"])]
     return [e["name"] for e in same].index(name) + 1
+
+
+def not_queued(name: str) -> str:
+    """What a queue action on a run that is not waiting says (it may have left the queue since the page drew it)."""
+    return f"{name} is no longer waiting in the queue: it has started or was cancelled."
 
 
 def move(name: str, offset: int) -> None:
@@ -132,7 +138,7 @@ def move(name: str, offset: int) -> None:
         entries = read_queue()
         names = [e["name"] for e in entries]
         if name not in names:
-            raise DashboardError(f"{name} is not in the queue.")
+            raise DashboardError(not_queued(name))
         index = names.index(name)
         device = entries[index]["device"]
         peers = [i for i, e in enumerate(entries) if devices_meet(e["device"], device)]
@@ -146,7 +152,7 @@ def cancel(run_dir: Path) -> None:
     """Take a run out of the queue; its folder stays, with state `stopped` (it never started)."""
     run_dir = Path(run_dir)
     if not withdraw(run_dir):
-        raise DashboardError(f"{run_dir.name} is not in the queue.")
+        raise DashboardError(not_queued(run_dir.name))
 
 
 def withdraw(run_dir: Path) -> bool:
@@ -183,7 +189,7 @@ def start_one(name: str, start: Callable[[Path], object], run_dirs: Callable[[],
     with queue_lock():
         run_dir = next((p for p in run_dirs() if p.name == name), None)
         if run_dir is None or entry(name) is None or not is_waiting(read_status(run_dir)):
-            raise DashboardError(f"{name} is not waiting in the queue.")
+            raise DashboardError(not_queued(name))
         start(run_dir)
         _write_queue([e for e in read_queue() if e["name"] != name])
 

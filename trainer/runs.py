@@ -60,17 +60,39 @@ def device_words(device: str) -> str:
     return f"GPU {gpus}" if "," not in gpus else f"GPUs {gpus}"
 
 
-def busy_device_warning(processes: int = 1, gpus: int | None = None) -> str | None:
+def busy_device_warning(processes: int = 1, gpus: int | None = None, beside: bool = False) -> str | None:
     """What Start says while other runs hold the device a new run of `processes` processes would take: a new
-    run waits in the queue until they end (a warning, not a refusal)."""
+    run waits in the queue until they end (a warning, not a refusal); `beside`: the person chose to run it
+    beside them at once."""
     device = runqueue.device_for(processes, gpus)
     busy = live_on_device(device)
     if not busy:
         return None
     verb = "is" if len(busy) == 1 else "are"
+    if beside:
+        return (f"{', '.join(busy)} {verb} already running on {device_words(device)}; Start runs this one beside "
+                f"{'it' if len(busy) == 1 else 'them'} at once: they share the device, each runs slower, and "
+                f"together they may run out of memory.")
     return (f"{', '.join(busy)} {verb} already running on {device_words(device)}; a second run at once would share "
             f"the device and may run out of memory, so Start puts this one in the queue: it starts when the device "
             f"is free.")
+
+
+def queue_rows() -> list[dict]:
+    """The queue as the Train page lists it, in order: each waiting run with its device (in words), its place
+    among the runs waiting for that device ("place" of "of"), what it does when it starts ("start" or
+    "resume from checkpoint-N"), when it was queued, and the runs "Start now" would run it beside."""
+    entries = runqueue.read_queue()
+    rows, busy = [], {}  # busy: device -> its live runs, read once per device
+    for entry in entries:
+        if entry["device"] not in busy:
+            busy[entry["device"]] = live_on_device(entry["device"])
+        peers = runqueue.waiting_for(entry["device"], entries)
+        mode = f"resume from {entry.get('checkpoint', 'latest')}" if entry.get("mode") == "resume" else "start"
+        rows.append({"name": entry["name"], "device": device_words(entry["device"]),
+                     "place": runqueue.position(entry["name"], entries), "of": len(peers), "mode": mode,
+                     "queued_at": entry.get("queued_at", ""), "beside": busy[entry["device"]]})
+    return rows
 
 
 def backup_name(run_dir: Path) -> Path:

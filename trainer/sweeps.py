@@ -29,6 +29,13 @@ SHORT_NAMES = {"learning_rate": "lr", "lora_rank": "r", "lora_alpha": "alpha", "
 SWEEPABLE_TYPES = (int, float, str)
 
 
+def sweepable_parameters() -> list[str]:
+    """The parameters the Train page offers to sweep, in form order: every numeric or choice parameter, read
+    from its metadata in params.py; not the name, switches, free text or a field naming a file."""
+    return [name for name, f in FIELDS.items() if name != "lora_name" and not f.metadata["choices_from"]
+            and (f.metadata["choices"] or f.type in ("int", "float"))]
+
+
 def value_text(value: Any) -> str:
     """A value as it appears in a run name: 1e-4 for 0.0001, 8 for 8, q-v for "q-v"."""
     if isinstance(value, float):
@@ -71,7 +78,10 @@ def grid(base: TrainingParameters, swept: dict[str, list[Any]]) -> list[Training
         changes = dict(zip(swept, combination))
         suffix = "-".join(f"{SHORT_NAMES.get(k, k)}{value_text(v)}" for k, v in changes.items())
         params = TrainingParameters.from_dict({**base.to_dict(), **changes, "lora_name": f"{base.lora_name}-{suffix}"})
-        params.validate()
+        problems = params.problems()
+        if problems:  # named after its run: the person sees which combination fails
+            raise DashboardError(f"{params.lora_name}: " + " ".join(p.message for p in problems),
+                                 field=problems[0].field)
         runs.append(params)
     return runs
 
@@ -121,21 +131,44 @@ def read_sweep_file(path: Path) -> tuple[TrainingParameters, dict[str, list[Any]
     return TrainingParameters.from_dict(data["base"]), swept
 
 
-def launch_sweep(base: TrainingParameters, swept: dict[str, list[Any]], name: str | None = None) -> list[Path]:
-    """Build the grid, record it as experiment `name` (default: the base LoRA name; the runs are named after
-    it) and put every run in the run queue: the first starts at once when its device is idle. Nothing is
-    written when any run is invalid, or a run or the experiment name exists. Returns the run folders."""
-    from .runs import launch, run_dir_for
+def read_sweep_texts(texts: dict[str, str]) -> tuple[dict[str, list[Any]], list[DashboardError]]:
+    """The Train page's lists of values (parameter: comma-separated text), each read with `parse_values`:
+    the values read, and one problem per parameter whose list cannot be read (it names the field)."""
+    swept, problems = {}, []
+    for name, text in texts.items():
+        try:
+            swept[name] = parse_values(name, text)
+        except DashboardError as exc:
+            problems.append(exc if exc.field else DashboardError(exc.message, field=name))
+    return swept, problems
+
+
+def plan_sweep(base: TrainingParameters, swept: dict[str, list[Any]],
+               name: str | None = None) -> list[TrainingParameters]:
+    """The runs a sweep makes (experiment `name`, default the base LoRA name; the runs are named after it), or
+    the refusal `launch_sweep` gives before writing anything: an invalid combination, a run or the experiment
+    name that exists."""
+    from .runs import run_dir_for
 
     name = name or base.lora_name
-    base = TrainingParameters.from_dict({**base.to_dict(), "lora_name": name})
-    runs = grid(base, swept)
+    runs = grid(TrainingParameters.from_dict({**base.to_dict(), "lora_name": name}), swept)
     taken = [p.lora_name for p in runs if run_dir_for(p.lora_name).exists()]
     if taken:
         raise DashboardError(f"A LoRA named {', '.join(taken)} already exists; choose another sweep name.",
                              field="lora_name")
     if (experiments_dir() / f"{check_name(name, 'experiment name')}.json").exists():
         raise DashboardError(f"An experiment named {name} already exists; choose another name.", field="lora_name")
+    return runs
+
+
+def launch_sweep(base: TrainingParameters, swept: dict[str, list[Any]], name: str | None = None) -> list[Path]:
+    """Plan the sweep (`plan_sweep`), record it as experiment `name` and put every run in the run queue: the
+    first starts at once when its device is idle. Nothing is written when `plan_sweep` refuses. Returns the
+    run folders."""
+    from .runs import launch
+
+    name = name or base.lora_name
+    runs = plan_sweep(base, swept, name)
     record_experiment(name, swept, [p.lora_name for p in runs])
     return [launch(params, mode="new") for params in runs]
 

@@ -7,14 +7,15 @@ from contextlib import ExitStack
 
 import streamlit as st
 
-from views.common import (field_choices, flash, get_tokenizer, home_caption, keep_widget_values, offered_options,
-                          parameter_widget, set_widget_values, show_error, show_flash, show_problems,
+from views.common import (KEEP_WHILE_HIDDEN, field_choices, flash, get_tokenizer, home_caption, keep_widget_values,
+                          offered_options, parameter_widget, set_widget_values, show_error, show_flash, show_problems,
                           take_sent_options)
+from trainer import runqueue
 from trainer.checkpoints import list_checkpoints
 from trainer.errors import DashboardError
 from trainer.formstate import GROUP_TITLES, fix_sentence, tab_marks
 from trainer.loss import loss_warning
-from trainer.params import FIELDS, GROUPS, TrainingParameters, read_and_check
+from trainer.params import FIELDS, GROUPS, TrainingParameters, label, read_and_check
 from trainer.preview import memory_sentence, training_plan
 from trainer.charts import loss_chart
 from trainer.metrics import latest_train_line, metrics_frame
@@ -22,12 +23,16 @@ from trainer.processes import LIVE_STATES
 from trainer.runfiles import LOG_FILE, PARAMS_FILE, effective_status, request_stop
 from trainer.storage import read_json
 from trainer.runs import (busy_device_warning, free_run_name, launch, list_runs, live_runs, multi_node_commands,
-                          run_dir_for, waiting_runs, write_multi_node_run)
+                          queue_rows, run_dir_for, start_now, start_waiting_runs, waiting_runs, write_multi_node_run)
+from trainer.sweeps import launch_sweep, plan_sweep, read_sweep_texts, sweepable_parameters, value_text
 
 KEY = "tp_"  # widget keys: tp_<parameter name>
 TABS = "form_tabs"  # the key of the form's tabs (their CSS class: st-key-form_tabs)
 SHOWN_RUN, ACTIVE_RUN = "shown_run", "active_run"  # the Runs panel's selectbox; the run last started here
 LOG_OPEN = "run_log_open"  # whether the shown run's log is open
+SHOWN_RUN_SET = "shown_run_set"  # the script chose the shown run in this run of the page (see runs_panel)
+RUN_BESIDE = "run_beside"  # Start on a busy device: run beside the live runs instead of queueing
+SWEPT, SWEEP_VALUES = "sweep_params", "sweep_values_"  # the parameters swept; their values: sweep_values_<name>
 
 
 @st.cache_resource
@@ -46,11 +51,23 @@ def load_into_form(values: dict) -> None:
 def follow_run(name: str) -> None:
     """Show this run in the Runs panel below (drawn later in this run, so its selectbox can still be set)."""
     st.session_state[ACTIVE_RUN] = st.session_state[SHOWN_RUN] = name
+    st.session_state[SHOWN_RUN_SET] = True
+
+
+def continue_the_queue() -> None:
+    """Start the next queued run of every idle device, so the queue goes on after a restarted server even
+    before a run ends (cheap: with nothing queued no file is read but the queue's)."""
+    try:
+        start_waiting_runs()
+    except (DashboardError, OSError) as exc:
+        st.warning(f"The run queue could not start its next run: {getattr(exc, 'message', None) or exc}. It is "
+                   f"tried again when a run ends or this page is loaded.")
 
 
 st.title("Train")
 home_caption()
 gpu_count = visible_gpus()
+continue_the_queue()
 
 # ---- state: defaults (the Data page's last clean options first), copied parameters, sent options ------
 def first_form_values() -> tuple[dict, dict]:
@@ -230,13 +247,19 @@ def more_than_one_machine(params: TrainingParameters | None, problems: list, nam
         show_flash("machines")
 
 
-def running_now_note(name: str, live: list[str], processes: int) -> None:
-    """What runs now, beside Start: the typed name's own run, or the runs holding the device a new run would take.
-    (The runs panel reruns the page when a run starts or ends, so this is never stale.)"""
+def running_now_note(name: str, live: list[str], processes: int) -> bool:
+    """What runs now, beside Start: the typed name's own run, or the runs holding the device a new run would take,
+    with the choice to run beside them instead of queueing; returns that choice. (The runs panel reruns the page
+    when a run starts or ends, so this is never stale.)"""
     if name in live:
         st.warning(f"{name} is running now; follow it below.")
-    elif warning := busy_device_warning(processes, gpu_count):
-        st.warning(warning)
+        return False
+    if busy_device_warning(processes, gpu_count) is None:
+        return False  # an idle device: the box is not drawn, so it is unticked when the device is busy again
+    beside = st.checkbox("Run beside the running one instead of queueing", key=RUN_BESIDE,
+                         help="Start it now on the same device instead of waiting in the queue.")
+    st.warning(busy_device_warning(processes, gpu_count, beside=beside))
+    return beside
 
 
 def start_section(params: TrainingParameters | None, problems: list, plan_ok: bool, live: list[str]) -> None:
@@ -245,11 +268,11 @@ def start_section(params: TrainingParameters | None, problems: list, plan_ok: bo
     name_ok = params is not None and bool(name) and not any(p.field == "lora_name" for p in problems)
     mode, checkpoint = start_mode(name) if name_ok else ("new", "latest")
     more_than_one_machine(params, problems, name if name_ok else None)
-    running_now_note(name, live, params.num_processes if params is not None else 1)
+    beside = running_now_note(name, live, params.num_processes if params is not None else 1)
     can_start = params is not None and not problems and plan_ok and mode != "none"
     if st.button("Start training", type="primary", disabled=not can_start):
         try:
-            run_dir = launch(params, mode=mode, checkpoint=checkpoint)
+            run_dir = launch(params, mode=mode, checkpoint=checkpoint, beside=beside)
         except DashboardError as exc:
             st.error(exc.message)
         else:
@@ -257,9 +280,73 @@ def start_section(params: TrainingParameters | None, problems: list, plan_ok: bo
             waits = run_dir.name in waiting_runs()
             flash("start", "success", f"{run_dir.name} is in the queue: it starts when the device is free; it is shown "
                                       f"under Runs below." if waits else
-                  f"Started {run_dir.name}; it is shown under Runs below.")
+                  f"Started {run_dir.name}{' beside the running one' if beside else ''}; it is shown under Runs below.")
             st.rerun()  # the page as it is now: the name taken, the run live, the panel following it
     show_flash("start")
+    sweep_section(params, problems, plan_ok)
+
+
+# ---- a sweep: several values for some parameters, every combination a queued run ------------------------
+def sweep_value_text(name: str) -> str:
+    """The list of values for one swept parameter as text: picked from its choices, or typed."""
+    key, choices = SWEEP_VALUES + name, FIELDS[name].metadata["choices"]
+    if choices:
+        return ", ".join(st.multiselect(f"{label(name)}: values", choices, key=key, persist_state=KEEP_WHILE_HIDDEN))
+    current = st.session_state.get(KEY + name)
+    return st.text_input(f"{label(name)}: values, separated by commas", key=key, persist_state=KEEP_WHILE_HIDDEN,
+                         placeholder=f"for example {current}, ..." if current is not None else None)
+
+
+def sweep_inputs() -> tuple[dict, list[DashboardError], bool]:
+    """The swept parameters with their values read, the problems under their fields, and whether every list
+    has a value yet (an empty list is a list not typed yet, not an error)."""
+    chosen = st.multiselect("Parameters to sweep", sweepable_parameters(), format_func=label, key=SWEPT,
+                            persist_state=KEEP_WHILE_HIDDEN)
+    texts, slots = {}, {}
+    for name in chosen:
+        texts[name] = sweep_value_text(name)
+        slots[name] = st.container()
+    typed = {name: text for name, text in texts.items() if text.strip()}
+    swept, problems = read_sweep_texts(typed)
+    show_problems(problems, slots)
+    return swept, problems, bool(chosen) and len(typed) == len(chosen)
+
+
+def sweep_section(params: TrainingParameters | None, problems: list, plan_ok: bool) -> None:
+    """Lists of values for some parameters: the grid's run names shown before anything is written, then queued
+    as one experiment named after the LoRA name."""
+    with st.expander("Sweep (try several values)", key="sweep_open", on_change="rerun"):
+        st.caption("Give some parameters a list of values: every combination becomes a run named after the LoRA "
+                   "name and its values, with the form's other parameters. They are recorded as one experiment "
+                   "(the Evaluate page compares them) and queued: they run one after another.")
+        show_flash("sweep")
+        swept, value_problems, complete = sweep_inputs()
+        if not complete or value_problems:
+            if not value_problems:
+                st.caption("Pick the parameters to sweep and give each one or more values.")
+            return
+        if params is None or problems or not plan_ok:
+            st.info("Fix the form above first: each run of the sweep is the form's parameters with its values.")
+            return
+        try:
+            runs = plan_sweep(params, swept)
+        except DashboardError as exc:
+            show_error(exc)
+            return
+        st.caption(f"Experiment {params.lora_name}: {len(runs)} run{'s' if len(runs) != 1 else ''}, queued in this "
+                   f"order.")
+        st.dataframe([{"run": p.lora_name, **{label(n): value_text(getattr(p, n)) for n in swept}} for p in runs],
+                     hide_index=True)
+        if st.button(f"Queue {len(runs)} run{'s' if len(runs) != 1 else ''}", key="queue_sweep"):
+            try:
+                run_dirs = launch_sweep(params, swept, name=params.lora_name)
+            except DashboardError as exc:
+                st.error(exc.message)
+            else:
+                follow_run(run_dirs[0].name)
+                flash("sweep", "success", f"Queued experiment {params.lora_name}: {len(run_dirs)} runs, one after "
+                                          f"another; they are shown under Runs below.")
+                st.rerun()
 
 
 live_now = (tuple(live_runs()), tuple(waiting_runs()))  # one answer for the whole page (start section, runs panel)
@@ -276,8 +363,12 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def run_controls(run_name: str, run_dir, state: str) -> None:
-    """Stop for a live run; resume for a stopped or failed one that has a checkpoint."""
-    if state in LIVE_STATES:
+    """Stop for a live run; resume for a stopped or failed one that has a checkpoint; nothing for a run waiting in
+    the queue (its buttons are in the queue above)."""
+    if runqueue.entry(run_name) is not None:
+        st.caption(f"{run_name} waits in the queue (place {runqueue.position(run_name)}): move it, cancel it or "
+                   f"start it now in the queue above.")
+    elif state in LIVE_STATES:
         if st.button("Stop", key=f"stop_{run_name}", help="Finish the current step, save the adapter and a "
                                                             "checkpoint, then end as stopped."):
             try:
@@ -307,6 +398,74 @@ def run_log(run_dir, state: str) -> None:
         st.code("\n".join(log.read_text(errors="replace").splitlines()[-40:]) or "(empty)", language=None)
 
 
+# ---- the queue: reorder, cancel, start now ---------------------------------------------------------------
+QUEUE_SLOT = "queue"  # the flash slot of the queue's actions
+
+
+def queue_action(action, name: str) -> None:
+    """A queue button's callback: it runs before the panel is drawn, so the panel shows the queue as it is
+    after the action; its outcome (or the sentence of a refusal) is shown once above the queue."""
+    try:
+        outcome = action(name)
+    except DashboardError as exc:
+        flash(QUEUE_SLOT, "error", exc.message)
+    else:
+        if outcome:
+            flash(QUEUE_SLOT, "success", outcome)
+
+
+def move_up(name: str) -> None:
+    runqueue.move(name, -1)
+
+
+def move_down(name: str) -> None:
+    runqueue.move(name, 1)
+
+
+def cancel_queued(name: str) -> str:
+    runqueue.cancel(run_dir_for(name))
+    return f"Cancelled {name}: it left the queue and never started; its folder stays, as stopped."
+
+
+def start_queued_now(name: str) -> str:
+    start_now(name)
+    return f"Started {name} now, beside the runs on its device."
+
+
+def queue_row(row: dict) -> None:
+    """One waiting run: its place, name, device and start, and its buttons."""
+    name = row["name"]
+    cols = st.columns([3, 1, 1, 1.3, 1.6], vertical_alignment="center")
+    # Material icons, not emoji: they come with Streamlit's own font, so every browser draws them.
+    cols[0].markdown(f"**{row['place']}.** :material/hourglass_top: {name} · {row['device']} · {row['mode']}")
+    cols[1].button("Up", key=f"queue_up_{name}", icon=":material/arrow_upward:", help="Earlier in the queue",
+                   disabled=row["place"] == 1, on_click=queue_action, args=(move_up, name), width="stretch")
+    cols[2].button("Down", key=f"queue_down_{name}", icon=":material/arrow_downward:", help="Later in the queue",
+                   disabled=row["place"] == row["of"], on_click=queue_action, args=(move_down, name), width="stretch")
+    cols[3].button("Cancel", key=f"queue_cancel_{name}", icon=":material/close:", on_click=queue_action,
+                   args=(cancel_queued, name), help="Take it out of the queue; its folder stays, as stopped.",
+                   width="stretch")
+    cols[4].button("Start now", key=f"queue_start_{name}", icon=":material/play_arrow:", on_click=queue_action,
+                   args=(start_queued_now, name), help="Start it at once, beside the runs on its device.",
+                   width="stretch")
+
+
+def queue_panel() -> None:
+    """The runs waiting for their device, in order (drawn inside the refreshing runs panel)."""
+    rows = queue_rows()
+    show_flash(QUEUE_SLOT)
+    if not rows:
+        return
+    st.markdown(f"**Queue** — {len(rows)} run{'s' if len(rows) != 1 else ''} waiting, started one after another "
+                f"as the device falls free")
+    for row in rows:
+        queue_row(row)
+    beside = sorted({run for row in rows for run in row["beside"]})
+    if beside:
+        st.warning(f"Start now runs a queued run at once, beside {', '.join(beside)}: they share the device, each "
+                   f"runs slower, and together they may run out of memory.")
+
+
 @st.fragment(run_every=2)
 def follow(run_name: str, live_when_drawn: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
     """The shown run, refreshed every two seconds from its files, and which runs are live now. When a run has
@@ -315,6 +474,7 @@ def follow(run_name: str, live_when_drawn: tuple[tuple[str, ...], tuple[str, ...
     if (tuple(live_runs()), tuple(waiting_runs())) != live_when_drawn:
         st.rerun(scope="app")
     running_now = st.empty()  # filled last, after a Stop or Resume of this refresh
+    queue_panel()
     run_dir = run_dir_for(run_name)
     status = effective_status(run_dir) or {}
     state = status.get("state", "unknown")
@@ -355,9 +515,14 @@ def runs_panel(live: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
     if st.session_state.get(SHOWN_RUN) not in names:  # first drawn, or back from another page
         wanted = st.session_state.get(ACTIVE_RUN)
         st.session_state[SHOWN_RUN] = wanted if wanted in names else (live[0][0] if live[0] else names[0])
+        st.session_state[SHOWN_RUN_SET] = True
+    # The box's default is the run shown, except in a run that chose it (Streamlit warns when given both): a
+    # browser that draws the box afresh (a click while the page's first run was under way) showed the first name
+    # while the panel followed another run.
+    index = 0 if st.session_state.pop(SHOWN_RUN_SET, False) else names.index(st.session_state[SHOWN_RUN])
     # The options stay the plain names: a label that changes when a run starts or ends would make Streamlit
     # hand back the changed label instead of the chosen name.
-    follow(st.selectbox("Run", names, key=SHOWN_RUN), live)
+    follow(st.selectbox("Run", names, index=index, key=SHOWN_RUN), live)
 
 
 st.divider()
