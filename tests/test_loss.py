@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from trainer.batching import collate
 from trainer.data import Sample
-from trainer.loss import causal_lm_loss_sum, chunked_linear_cross_entropy, plain_output_head
+from trainer.loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss_sum, chunked_linear_cross_entropy, plain_output_head
+
+from .archhelpers import FAMILIES, build_family_model
 
 
 def make_samples(seed: int) -> list[Sample]:
@@ -101,3 +103,58 @@ def test_models_with_scaled_logits_or_a_trained_head_take_the_plain_path(lora_mo
     base.config.model_type = "llama"
     base.lm_head.weight.requires_grad_(True)  # a trained head would need its own gradient
     assert plain_output_head(lora_model) is None
+
+
+def family_batch():
+    samples = make_samples(3)
+    return collate([samples[:2], samples[2:]], pad_token_id=0, device="cpu")
+
+
+def logits_loss(model, batch):
+    """The loss written out from the model's own logits: what either path must give."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_trains_on_its_own_logits_by_either_path(tokenizer, model_type):
+    """The chunked path for the plain-head families, the fallback for the others (Gemma's soft-capped logits):
+    the loss and its gradients equal those of the model's own logits."""
+    from trainer.targets import target_modules_for
+
+    model = build_family_model(model_type, tokenizer)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=target_modules_for(model, "all-linear"),
+                        task_type="CAUSAL_LM", init_lora_weights=False)
+    lora = get_peft_model(model, config).eval()  # no dropout (GPT-2 has some): both passes see one model
+    head = plain_output_head(lora)
+    assert (head is not None) == (model_type in PLAIN_HEAD_MODEL_TYPES)
+    if head is not None:
+        assert head is lora.get_base_model().get_output_embeddings()
+    batch = family_batch()
+    loss, grads = loss_and_grads(lora, batch, "auto")
+    lora.zero_grad()
+    expected = logits_loss(lora, batch)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-4)
+    assert grads
+    for name, grad in grads.items():
+        reference = dict(lora.named_parameters())[name].grad
+        assert reference.abs().max() > 0, name
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_soft_capped_logits_need_the_fallback(tokenizer):
+    """Gemma 2 caps its logits (cap x tanh(logits / cap)): the output layer alone gives another loss, so the
+    fallback through the model's logits is what keeps its training right. A cap small enough to bend a random
+    model's small logits (std 0.16) shows the difference."""
+    model = build_family_model("gemma2", tokenizer, final_logit_softcapping=0.5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    batch = family_batch()
+    with torch.no_grad():
+        expected = logits_loss(model, batch)
+        assert plain_output_head(model) is None
+        torch.testing.assert_close(causal_lm_loss_sum(model, batch, "auto"), expected, rtol=1e-5, atol=1e-4)
+        uncapped = causal_lm_loss_sum(model, batch, model.get_output_embeddings())
+    assert abs(float(uncapped) - float(expected)) > 100 * 1e-4  # far outside the tolerance the fallback meets

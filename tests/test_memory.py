@@ -7,6 +7,8 @@ import pytest
 from trainer.memory import estimate
 from trainer.params import TrainingParameters
 
+from .archhelpers import FAMILIES, family_dirs, family_home  # noqa: F401 (fixtures)
+
 
 def params(**changes) -> TrainingParameters:
     return TrainingParameters.from_dict({"lora_name": "m", "base_model": "SmolLM2-135M-Instruct",
@@ -48,3 +50,28 @@ def test_the_plan_shows_the_memory_estimate_and_warns_when_it_will_not_fit(home,
     shown = [w for w in warnings(at) if w.startswith("This run needs about")]
     assert shown and "only 1 MB is free" in shown[0], warnings(at)
     assert not start_button(at).disabled  # a warning, not a refusal
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_is_estimated_from_its_own_layers(family_home, family_dirs, model_type):
+    """GPT-2's sizes are n_embd and n_layer and its layers Conv1D, the fused families' targets are named their
+    way: the estimate still counts each model's weights and exactly the numbers peft's adapter trains."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.memory import _config
+    from trainer.targets import target_modules_for
+
+    model = AutoModelForCausalLM.from_pretrained(family_dirs[model_type])
+    sizes = _config(f"tiny-{model_type}")
+    assert (sizes["hidden_size"], sizes["num_hidden_layers"]) == (64, 2)
+    found = estimate(params(base_model=f"tiny-{model_type}", micro_batch_size=1, cutoff_len=64))
+    assert found.weights == pytest.approx(4 * model.num_parameters(), rel=0.03)
+    assert found.activations > 0
+    for choice in ("q-v", "all-linear"):
+        estimated = estimate(params(base_model=f"tiny-{model_type}", target_modules=choice, lora_rank=4))
+        adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(family_dirs[model_type]), LoraConfig(
+            r=4, target_modules=target_modules_for(model, choice), task_type="CAUSAL_LM"))
+        trained = sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+        # AdamW: 4 bytes weight + 4 gradient + 8 state per trained number.
+        assert estimated.adapter_and_optimizer == 16 * trained, choice

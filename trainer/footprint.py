@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from .errors import DashboardError
@@ -77,7 +76,7 @@ def estimate(params, total_steps: int, folder: Path | None = None) -> Footprint:
     Raises DashboardError when the model's layers cannot be read."""
     from .home import loras_dir
 
-    shapes = target_shapes(model_shapes(params.base_model, params.trust_remote_code), params.lora_target_modules())
+    shapes = adapted_shapes(params)
     if not shapes:
         raise DashboardError("No layer of the model matches the target modules.", field="target_modules")
     rank = params.lora_rank
@@ -121,28 +120,20 @@ def target_shapes(shapes: list[tuple[str, int, int]], targets) -> list[tuple[str
     return [s for s in shapes if any(s[0] == t or s[0].endswith("." + t) for t in targets)]
 
 
-def model_shapes(base_model: str, trust_remote_code: bool = False) -> list[tuple[str, int, int]]:
-    """(name, inputs, outputs) of every linear layer of the base model."""
+def adapted_shapes(params) -> list[tuple[str, int, int]]:
+    """(name, inputs, outputs) of every layer LoRA adapts, resolved per architecture (trainer/targets.py) from
+    the model built on the meta device; for a model transformers cannot build, from config.json's sizes as a
+    Llama-like model has them."""
     from .models import model_path
+    from .targets import adapted_layers, model_layers, target_modules_for
 
-    folder = model_path(base_model, progress=lambda message: None)
-    config_file = folder / "config.json"
-    return list(_shapes_of(str(folder), config_file.stat().st_mtime_ns, trust_remote_code))
-
-
-@lru_cache(maxsize=16)
-def _shapes_of(folder: str, config_mtime: int, trust_remote_code: bool) -> tuple[tuple[str, int, int], ...]:
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        return tuple((name, m.in_features, m.out_features) for name, m in model.named_modules()
-                     if isinstance(m, torch.nn.Linear))
-    except Exception:  # a model transformers cannot build: its config's sizes, as a Llama-like model has them
-        return tuple(config_shapes(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))))
+        layers = model_layers(params.base_model, params.trust_remote_code)
+    except DashboardError:
+        folder = model_path(params.base_model, progress=lambda message: None)
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return target_shapes(config_shapes(config), params.lora_target_modules())
+    return adapted_layers(layers, target_modules_for(layers, params.target_modules, params.custom_target_modules))
 
 
 def config_shapes(config: dict) -> list[tuple[str, int, int]]:

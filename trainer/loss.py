@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from .data import IGNORE_INDEX
 
-# Model types whose causal-LM head is a plain `lm_head(hidden_states)`, with no soft-capping or scaling.
-PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+# Model types whose causal-LM head is a plain `lm_head(hidden_states)`, with no soft-capping or scaling, and
+# whose last hidden state is the normed one the head reads (GPT-2's tied head and GPT-NeoX's embed_out too:
+# tests/test_architectures.py checks each against the model's own logits). Gemma's logits are soft-capped.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "gpt2", "gpt_neox"}
 
 # Positions per chunk of the output layer: 256 x 49,152 float32 logits are 50 MB, instead of the 200 MB of a
 # whole 4 x 256 batch, and the matrix products stay large enough to run at full speed.

@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from .footprint import model_shapes, target_shapes
 from .footprint import size_text as _size_text
+from .targets import adapted_layers, model_layers, target_modules_for
 
 # Measured (bench/memory_estimate.py, bench/RESULTS.md): resident memory of the trainer process with its
 # libraries loaded and no model yet, and the share of the activations glibc keeps between steps.
@@ -69,19 +69,37 @@ def size_text(n_bytes: float) -> str:
     return _size_text(n_bytes)
 
 
-def _config(base_model: str) -> dict:
+# The sizes the estimate reads, by transformers' common names (GPT-2's config.json says n_embd, n_layer, n_head).
+CONFIG_SIZES = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def _config(base_model: str, trust_remote_code: bool = False) -> dict:
+    """config.json's sizes (a multimodal model's text_config's), under their common names where transformers
+    maps a family's own keys onto them."""
     from .models import model_path
 
     folder = model_path(base_model, progress=lambda message: None)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return {**config, **(config.get("text_config") or {})}
+    config = {**config, **(config.get("text_config") or {})}
+    try:
+        from transformers import AutoConfig
+
+        text_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code).get_text_config()
+    except Exception:  # a config transformers cannot read: its own keys are all there is
+        return config
+    for key in CONFIG_SIZES:
+        value = getattr(text_config, key, None)
+        if isinstance(value, (int, bool)):
+            config[key] = value
+    return config
 
 
-def _weight_bytes(shapes, config: dict, precision: str, compute_bytes: int) -> float:
+def _weight_bytes(shapes, output_layer: str | None, config: dict, precision: str, compute_bytes: int) -> float:
     vocab, hidden = int(config.get("vocab_size") or 0), int(config.get("hidden_size") or 0)
     tied = bool(config.get("tie_word_embeddings", False))
-    linear = sum(n_in * n_out for name, n_in, n_out in shapes if not (tied and "lm_head" in name))
-    head = sum(n_in * n_out for name, n_in, n_out in shapes if "lm_head" in name and not tied)
+    linear = sum(n_in * n_out for name, n_in, n_out in shapes if not (tied and name == output_layer))
+    head = sum(n_in * n_out for name, n_in, n_out in shapes if name == output_layer and not tied)
     body = linear - head
     per_linear = {"full": compute_bytes, "8bit": 1.0, "4bit": 0.5 + 0.03}.get(precision, compute_bytes)
     layers = int(config.get("num_hidden_layers") or 0)
@@ -105,12 +123,13 @@ def _activation_bytes(config: dict, shapes, tokens: int, compute_bytes: int, dro
 
 def estimate(params, device: str = "cpu") -> MemoryEstimate:
     """The memory a run of these parameters takes on `device` ("cpu" or "gpu"), from the model's config."""
-    config = _config(params.base_model)
-    shapes = model_shapes(params.base_model, params.trust_remote_code)
-    adapted = target_shapes(shapes, params.lora_target_modules())
+    config = _config(params.base_model, params.trust_remote_code)
+    layers = model_layers(params.base_model, params.trust_remote_code)
+    adapted = adapted_layers(layers, target_modules_for(layers, params.target_modules, params.custom_target_modules))
     compute_bytes = 4 if device == "cpu" else 2
     sharded = params.num_processes > 1 and params.distributed_strategy == "fsdp"
-    weights = _weight_bytes(shapes, config, params.precision, compute_bytes) / (params.num_processes if sharded else 1)
+    weights = _weight_bytes(layers.layers, layers.output_layer, config, params.precision, compute_bytes) / (
+        params.num_processes if sharded else 1)
     trained = sum(params.lora_rank * (n_in + n_out) for _, n_in, n_out in adapted)
     optimizer = trained * (8 + OPTIMIZER_STATE_BYTES.get(params.optimizer, 8.0))
     tokens = params.micro_batch_size * params.cutoff_len
