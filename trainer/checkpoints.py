@@ -1,10 +1,11 @@
 """A run's checkpoint-STEP/ folders (FORMATS.md): list, find, save, load.
 
 A checkpoint holds everything an exact resume needs: the adapter, the optimiser and scheduler states, the
-random number generators and the loop's own counters (trainer_state.json). It is written into a hidden
-temp folder and renamed into place, so a listed checkpoint is always complete. A save that fails (a full
-disk above all) removes its temp folder, so it holds no space a resume needs; `prune_checkpoints` keeps the
-newest N once a newer one is complete (the parameter save_total_limit).
+random number generators and the loop's own counters (trainer_state.json); a PiSSA/OLoRA run's adapter is
+saved converted for the original base, with the adapter as trained beside it (trainer/variants.py). It is
+written into a hidden temp folder and renamed into place, so a listed checkpoint is always complete. A save
+that fails (a full disk above all) removes its temp folder, so it holds no space a resume needs;
+`prune_checkpoints` keeps the newest N once a newer one is complete (the parameter save_total_limit).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .errors import DashboardError
 from .storage import read_json, write_bytes_atomic, write_json_atomic
+from .variants import save_adapter
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -88,7 +90,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer_state: dict, sche
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        model.save_pretrained(staging, state_dict=adapter_state)
+        save_adapter(model, staging, run_dir, adapter_state, resumable=True)  # PiSSA/OLoRA: converted
         _save_tensors(optimizer_state, staging / "optimizer.pt")
         _save_tensors(scheduler.state_dict(), staging / "scheduler.pt")
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}

@@ -12,25 +12,35 @@ from .checkpoints import full_states, load_checkpoint_state, save_checkpoint
 from .distributed import log, shard_with_fsdp
 from .errors import DashboardError
 from .loss import causal_lm_loss_sum, plain_output_head
+from .variants import (
+    adapter_to_resume, changes_base_weights, initial_adapter_of, lora_config_options, loraplus_optimizer,
+    save_adapter, save_initial_adapter, start_neftune, stop_neftune,
+)
 
 
-def build_optimizer(name: str, parameters, lr: float, weight_decay: float):
+def build_optimizer(name: str, parameters, lr: float, weight_decay: float, loraplus_lr_ratio: float = 0.0,
+                    peft_model=None):
+    """The optimiser `name` over `parameters`; with `loraplus_lr_ratio` > 0, LoRA+ groups over `peft_model`'s
+    trainable parameters (trainer/variants.py)."""
     import torch
 
+    options = {}
     if name == "adamw_torch":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
+        cls = torch.optim.AdamW
+    elif name == "sgd":
+        cls = torch.optim.SGD
+    elif name == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(parameters, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
-    import bitsandbytes as bnb
+        cls, options = Adafactor, {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+    else:
+        import bitsandbytes as bnb
 
-    cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
-    return cls(parameters, lr=lr, weight_decay=weight_decay)
+        cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+               "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    if loraplus_lr_ratio > 0:
+        return loraplus_optimizer(peft_model, cls, lr, loraplus_lr_ratio, weight_decay, **options)
+    return cls(parameters, lr=lr, weight_decay=weight_decay, **options)
 
 
 def build_peft_model(params, model, resume_from: Path | None):
@@ -43,25 +53,13 @@ def build_peft_model(params, model, resume_from: Path | None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if resume_from is not None:
-        return PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    targets = params.lora_target_modules()
-    if isinstance(targets, list):
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            raise DashboardError(
-                f"The model has no module named {', '.join(missing)}. Its linear layers include: "
-                f"{', '.join(sorted(linear_module_names(model)))}.", field="custom_target_modules")
+        return PeftModel.from_pretrained(model, adapter_to_resume(resume_from), is_trainable=True)
+    from .targets import target_modules_for  # the choice in this architecture's names, checked against it
+
+    targets = target_modules_for(model, params.target_modules, params.custom_target_modules)
     config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM", **lora_config_options(params))
     return get_peft_model(model, config)
-
-
-def linear_module_names(model) -> set[str]:
-    import torch
-
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name}
 
 
 def evaluate(model, samples, micro_batch_size: int, pad_token_id: int, device, head="auto") -> float:
@@ -95,9 +93,13 @@ class Trainee:
     optimizer: object
     scheduler: object
     output_head: object  # None: the loss goes through the model's full logits (trainer/loss.py)
+    neftune_hook: object = None  # NEFTune's forward hook on the input embeddings, while training
 
     @classmethod
-    def build(cls, params, device: str, checkpoint: Path | None, dist_info, total_steps: int) -> Trainee:
+    def build(cls, params, device: str, checkpoint: Path | None, dist_info, total_steps: int,
+              run_dir: Path | None = None) -> Trainee:
+        """The adapter model, wrapped for several processes, with its optimiser and schedule. A PiSSA/OLoRA run
+        keeps its adapter before training in `run_dir` (trainer/variants.py), which a resume needs."""
         import torch
         from transformers import get_scheduler
 
@@ -107,6 +109,11 @@ class Trainee:
         model = load_model(params.base_model, params.precision, device, params.trust_remote_code,
                            params.bnb_4bit_quant_type, params.bnb_4bit_use_double_quant, progress=log)
         model = peft_model = build_peft_model(params, model, checkpoint)
+        if changes_base_weights(peft_model) and run_dir is not None:
+            if checkpoint is None and dist_info.is_main:
+                save_initial_adapter(peft_model, run_dir)
+            elif checkpoint is not None:
+                initial_adapter_of(run_dir)  # refused before any step when it is missing
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         log(f"Trainable parameters: {sum(p.numel() for p in trainable):,} of "
@@ -115,17 +122,22 @@ class Trainee:
         sharded = dist_info.enabled and (params.distributed_strategy == "fsdp"
                                          or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true")
         if sharded:
+            if changes_base_weights(peft_model):
+                raise DashboardError("PiSSA and OLoRA initialisation cannot be used with FSDP: converting the "
+                                     "adapter for the original base model needs it whole on one process. Use "
+                                     "DDP or the default initialisation.", field="lora_init")
             model = peft_model = shard_with_fsdp(peft_model)
             trainable = [p for p in model.parameters() if p.requires_grad]
         elif dist_info.enabled:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
-        optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay)
+        optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay,
+                                    params.loraplus_lr_ratio, peft_model)
         scheduler = get_scheduler(params.lr_scheduler_type, optimizer,
                                   num_warmup_steps=warmup_steps_for(params, total_steps),
                                   num_training_steps=total_steps)
         return cls(model, peft_model, trainable, sharded, dist_info.enabled, optimizer, scheduler,
-                   plain_output_head(model))
+                   plain_output_head(model), start_neftune(peft_model, params.neftune_noise_alpha))
 
     def gradient_sync(self, last: bool):
         """A context for one micro-batch's backward pass: gradients are averaged over the processes only
@@ -165,4 +177,7 @@ class Trainee:
         return load_checkpoint_state(checkpoint, self.model, self.optimizer, self.scheduler, self.sharded)
 
     def save_adapter(self, run_dir: Path, adapter_state: dict | None) -> None:
-        self.peft_model.save_pretrained(run_dir, state_dict=adapter_state)
+        """The final adapter (training is over: NEFTune's hook goes first, as transformers' Trainer does)."""
+        stop_neftune(self.peft_model, self.neftune_hook)
+        self.neftune_hook = None
+        save_adapter(self.peft_model, run_dir, run_dir, adapter_state)

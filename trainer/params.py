@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import DashboardError
+from .fieldvalues import coerce, decode_escapes, range_problem
 from .home import check_name
 from .webui import read_webui_parameters
 
@@ -33,6 +33,9 @@ TARGET_MODULE_CHOICES = {
     "custom": None,
 }
 PRECISIONS = ["full", "8bit", "4bit"]
+# peft's init_lora_weights: "default" is peft's own (True); pissa and olora move part of the base weights into
+# the adapter (trainer/variants.py converts what is saved).
+LORA_INITS = ["default", "pissa", "olora"]
 OVERLONG_CHOICES = ["truncate", "drop"]
 
 GROUPS = ["basic", "data", "lora", "optimisation", "advanced"]
@@ -134,11 +137,27 @@ class TrainingParameters:
                          4096)
     lora_dropout: float = _p("LoRA dropout", 0.05, "Dropout on the LoRA layers.", "lora", 0.0, 0.9, fmt="%.2f")
     target_modules: str = _p(
-        "Target modules", "q-v", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
+        "Target modules", "all-linear", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
         choices=list(TARGET_MODULE_CHOICES))
     custom_target_modules: str = _p(
         "Custom target modules", "",
         "Comma-separated module names, checked against the model (with target modules 'custom').", "lora")
+    use_dora: bool = _p(
+        "DoRA", False, "Weight-decomposed LoRA (peft's use_dora): a magnitude per output feature is trained beside "
+        "the LoRA matrices. Often closer to full fine-tuning at low rank; each step is slower.", "lora")
+    use_rslora: bool = _p(
+        "rsLoRA", False, "Rank-stabilised LoRA (peft's use_rslora): the adapter is scaled by alpha / sqrt(rank) "
+        "instead of alpha / rank, so high ranks still learn.", "lora")
+    lora_init: str = _p(
+        "LoRA initialisation", "default",
+        "default: peft's (the adapter's effect starts at zero). pissa: the principal singular vectors of each "
+        "weight (full SVD); olora: its QR decomposition. Both often converge faster, and train with that part "
+        "moved out of the base weights; the saved adapters are converted so they apply to the original base "
+        "model (at twice the rank). Full precision only.", "lora", choices=LORA_INITS)
+    loraplus_lr_ratio: float = _p(
+        "LoRA+ learning-rate ratio", 0.0,
+        "LoRA+ (peft's create_loraplus_optimizer): the LoRA B matrices learn this many times faster than the A "
+        "matrices (the paper suggests 16; 0: off, one learning rate).", "lora", 0.0, 1000.0)
     # optimisation
     micro_batch_size: int = _p("Micro batch size", 4, "Samples per forward pass; lower it if memory runs out.",
                                "optimisation", 1, 4096)
@@ -193,6 +212,10 @@ class TrainingParameters:
                        "packed rows measured slower and used more memory (bench/RESULTS.md).", "advanced")
     seed: int = _p("Seed", 0, "Random seed for shuffling, dropout and the LoRA initialisation.", "advanced", 0,
                    2**32 - 1)
+    neftune_noise_alpha: float = _p(
+        "NEFTune noise alpha", 0.0,
+        "NEFTune (transformers' hook): uniform noise of this scale on the input embeddings while training, never "
+        "when evaluating (the paper uses 5 to 15; 0: off).", "advanced", 0.0, 100.0)
     trust_remote_code: bool = _p("Trust remote code", False,
                                  "Run the model folder's own Python code. Only for models you trust.", "advanced")
 
@@ -211,7 +234,7 @@ class TrainingParameters:
         values = {}
         for f in dataclasses.fields(cls):
             if f.name in data and data[f.name] is not None:
-                values[f.name] = _coerce(f, data[f.name])
+                values[f.name] = coerce(f, data[f.name])
         return cls(**values)
 
     @classmethod
@@ -262,7 +285,7 @@ class TrainingParameters:
             found.append(DashboardError(message, field=name))
 
         for f in dataclasses.fields(self):
-            message = _range_problem(f, getattr(self, f.name))
+            message = range_problem(f, getattr(self, f.name))
             if message:
                 bad(f.name, message)
         if require_name:
@@ -286,6 +309,8 @@ class TrainingParameters:
             bad("raw_text_file", "Choose either a formatted dataset or a raw text file, not both.")
         if self.target_modules == "custom" and not self.lora_target_modules():
             bad("custom_target_modules", "List at least one module name (e.g. q_proj, v_proj).")
+        for name, message in lora_variant_problems(self):
+            bad(name, message)
         return found
 
     def validate(self, require_name: bool = True) -> "TrainingParameters":
@@ -306,22 +331,28 @@ def label(name: str) -> str:
     return FIELDS[name].metadata["label"]
 
 
-def _range_problem(f: dataclasses.Field, value: Any) -> str | None:
-    """A value outside its field's choices or range, said with the field's label."""
-    meta, name = f.metadata, f.metadata["label"]
-    if meta.get("choices") and value not in meta["choices"]:
-        return f"{name} must be one of {', '.join(meta['choices'])}; got {value!r}."
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{name} must be a finite number; got {value!r}."
-    lo, hi = meta.get("min"), meta.get("max")
-    shown = f"{value:g}" if abs(value) < 1e18 else "a huge number"
-    if lo is not None and (value < lo or (meta.get("min_open") and value <= lo)):
-        return f"{name} must be {'above' if meta.get('min_open') else 'at least'} {lo:g}; got {shown}."
-    if hi is not None and value > hi:
-        return f"{name} must be at most {hi:g}; got {shown}."
-    return None
+def lora_variant_problems(params: "TrainingParameters") -> list[tuple[str, str]]:
+    """The one rule for combining the PEFT variants: (field, sentence) for each combination that cannot give a
+    saved adapter equal to the trained model. PiSSA and OLoRA move part of each base weight into the adapter;
+    what is saved is converted back for the original base (trainer/variants.py), which needs the weights exact
+    (no quantised base), DoRA's magnitudes left out of it (peft's conversion keeps only the LoRA matrices), and
+    the whole adapter on one process (not FSDP)."""
+    init, found = {"pissa": "PiSSA", "olora": "OLoRA"}.get(params.lora_init), []
+    if init is None:  # the default initialisation (or an unknown one, refused by its choices)
+        return []
+    if params.use_dora:
+        found.append(("lora_init", f"{init} initialisation cannot be combined with DoRA: the adapter converted for "
+                                   f"the original base model would lose DoRA's magnitudes. Turn one of them off."))
+    if params.precision != "full":
+        found.append(("lora_init", f"{init} initialisation needs a full-precision base model: it rewrites the base "
+                                   f"weights, and a {params.precision} base cannot hold them exactly, so the saved "
+                                   f"adapter would not give the trained model. Choose full precision or the "
+                                   f"default initialisation."))
+    if params.num_processes > 1 and params.distributed_strategy == "fsdp":
+        found.append(("lora_init", f"{init} initialisation cannot be used with fsdp: converting the adapter for the "
+                                   f"original base model needs it whole on one process. Choose ddp or the default "
+                                   f"initialisation."))
+    return found
 
 
 def overlap_problem(overlap_len: int, cutoff_len: int, special_tokens: int) -> DashboardError | None:
@@ -368,68 +399,3 @@ def read_and_check(values: dict[str, Any], only: Iterable[str] | None = None,
         problems = [p for p in problems if p.field in set(only)]
     return params, problems
 
-
-def decode_escapes(text: str) -> str:
-    r"""Turn \n, \t, \r and \\ written in a text box into the characters they name (as the webui does)."""
-    out, i = [], 0
-    table = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in table:
-            out.append(table[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    kind = f.type if isinstance(f.type, str) else f.type.__name__
-    try:
-        if kind == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off", ""):
-                return value.strip().lower() in ("true", "1", "yes", "on")
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if kind == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float):
-                if not value.is_integer():
-                    raise ValueError
-                return int(value)
-            if isinstance(value, str):
-                number = float(value.strip())
-                if not number.is_integer():
-                    raise ValueError
-                return int(number)
-            if isinstance(value, int):
-                return value
-            raise ValueError
-        if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, (int, float)):
-                return float(value)
-            if isinstance(value, str):
-                return float(value.strip())
-            raise ValueError
-        if kind == "str":
-            if isinstance(value, (list, dict)):
-                raise ValueError
-            # The webui writes "None" for a dataset, format or file left unselected.
-            if f.name in _PATH_FIELDS and value in ("None", "none"):
-                return ""
-            return str(value)
-    except (ValueError, OverflowError):
-        pass
-    described = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}[kind]
-    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
-    raise DashboardError(f"{f.metadata['label']} must be {described}; got {shown}.", field=f.name)
-
-
-# The fields naming a file in datasets/ or formats/.
-_PATH_FIELDS = {name for name, f in FIELDS.items() if f.metadata["choices_from"] not in (None, "models")}
