@@ -405,3 +405,16 @@ def test_write_the_run_folder_for_several_machines(home):
     next(b for b in at.button if b.label == "Write the run folder for these machines").click().run()
     assert any("Wrote" in s.value for s in at.success), errors(at)
     assert json.loads((home / "loras" / "from-page" / "training_parameters.json").read_text())["num_processes"] == 2
+
+
+def test_the_plan_names_the_modules_lora_will_adapt(home):
+    at = open_page()
+    fill_basic(at)
+    at.selectbox(key="tp_target_modules").set_value("q-v")
+    at.run()
+    said = [c.value for c in at.caption if c.value.startswith("LoRA adapts")]
+    assert said == ["LoRA adapts 4 layers: self_attn.q_proj, self_attn.v_proj in each of 2 blocks."]
+    at.selectbox(key="tp_target_modules").set_value("all-linear")
+    at.run()
+    said = next(c.value for c in at.caption if c.value.startswith("LoRA adapts"))
+    assert said.startswith("LoRA adapts 14 layers: ") and "mlp.down_proj" in said

@@ -21,6 +21,8 @@ from trainer.charts import loss_chart
 from trainer.metrics import latest_train_line, metrics_frame
 from trainer.processes import LIVE_STATES
 from trainer.runfiles import LOG_FILE, PARAMS_FILE, effective_status, request_stop
+from trainer.runtable import run_base_model
+from trainer.targets import describe_targets
 from trainer.storage import read_json
 from trainer.runs import (busy_device_warning, free_run_name, launch, list_runs, live_runs, multi_node_commands,
                           queue_rows, run_dir_for, start_now, start_waiting_runs, waiting_runs, write_multi_node_run)
@@ -97,6 +99,8 @@ with st.sidebar:
             st.error(f"{source} has no readable training_parameters.json.")
         else:
             try:
+                # A webui run names its base model only in its log or its adapter's config.
+                stored.setdefault("base_model", run_base_model(run_dir_for(source)) or None)
                 load_into_form(stored)
                 set_widget_values({KEY + "lora_name": f"{source}-2"})
                 st.rerun()
@@ -166,6 +170,11 @@ def show_plan(plan: dict, params: TrainingParameters) -> None:
     disk = plan["footprint"].describe() if plan["footprint"] else f"Disk: not estimated ({plan['footprint_error']})"
     st.caption(f"Warm-up {plan['warmup_steps']} of {plan['total_steps']} steps. {disk}")
     st.caption(memory_sentence(plan))
+    try:
+        st.caption(describe_targets(params.base_model, params.target_modules, params.custom_target_modules,
+                                    params.trust_remote_code))
+    except DashboardError as exc:
+        show_error(exc)
 
 
 def show_plan_findings(plan: dict, slots: dict) -> None:
