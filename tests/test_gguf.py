@@ -181,3 +181,21 @@ def test_agreement_numbers():
     assert effect_agreement(effect, -effect)["correlation"] == pytest.approx(-1.0)
     with pytest.raises(DashboardError, match="untrained"):
         effect_agreement(np.zeros((2, 3)), effect)
+
+
+def test_an_rslora_adapter_exports_with_its_own_scaling_and_dora_is_refused_at_once(home, llama_cpp_ready):
+    run_dir = write_run(home, "rs", max_steps=2, use_rslora=True, lora_rank=16, lora_alpha=16,
+                        learning_rate="1e-2", target_modules="q-v")
+    done = run_trainer(run_dir)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # llama.cpp's converter reads alpha / r; the adapter is scaled by alpha / sqrt(r), four times as much here.
+    report = export_gguf(run_dir, "rs-gguf", progress=lambda message: None)
+    assert report["lora_check"]["correlation"] >= ADAPTER_MIN_CORRELATION
+    assert 0.9 <= report["lora_check"]["norm_ratio"] <= 1.1
+    assert json.loads((run_dir / "adapter_config.json").read_text())["use_rslora"] is True  # the run is untouched
+
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    (run_dir / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(DashboardError, match="DoRA adapter cannot be a GGUF LoRA"):
+        jobs.start_export(run_dir, "dora-gguf", to="gguf")
+    assert not (home / "models" / "dora-gguf").exists() and not (home / "results" / "jobs").exists()

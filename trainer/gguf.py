@@ -56,6 +56,39 @@ def base_gguf_file(base_model: str) -> Path | None:
     return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
+def check_gguf_adapter(adapter_dir: Path) -> None:
+    """Refuse, before any work, an adapter that has no GGUF LoRA form."""
+    from .storage import read_json
+
+    if (read_json(Path(adapter_dir) / "adapter_config.json") or {}).get("use_dora"):
+        raise DashboardError("A DoRA adapter cannot be a GGUF LoRA: llama.cpp has no place for its magnitude "
+                             "vectors. Use 'Merge and save' for a merged model instead.")
+
+
+def plain_lora_folder(adapter_dir: Path, work: Path) -> Path:
+    """The adapter as llama.cpp's converter reads it: a plain LoRA scaled by alpha / r. An rsLoRA adapter
+    (scaled by alpha / sqrt(r)) is copied with lora_alpha = alpha * sqrt(r), the same scaling in plain terms,
+    because the converter ignores use_rslora. A DoRA adapter has magnitude vectors no GGUF LoRA holds."""
+    import math
+
+    from .storage import read_json
+
+    check_gguf_adapter(adapter_dir)
+    config = read_json(Path(adapter_dir) / "adapter_config.json") or {}
+    if not config.get("use_rslora"):
+        return Path(adapter_dir)
+    folder = work / "rslora-as-lora"
+    folder.mkdir(parents=True)
+    for item in Path(adapter_dir).iterdir():
+        if item.is_file() and item.name != "adapter_config.json":
+            (folder / item.name).symlink_to(item.resolve())
+    rank = int(config.get("r") or 8)
+    alpha = float(config.get("lora_alpha") or rank)
+    write_json_atomic(folder / "adapter_config.json", {**config, "use_rslora": False,
+                                                       "lora_alpha": alpha * math.sqrt(rank)})
+    return folder
+
+
 # ---- the comparisons ----------------------------------------------------------------------------------
 def effect_agreement(hf_effect, llama_effect) -> dict:
     """How well llama.cpp's logit change matches transformers': correlation and norm ratio (llama / hf)."""
@@ -104,6 +137,7 @@ def export_gguf(adapter_dir: Path, name: str, base_model: str | None = None, pro
     llamacpp.require_llama_cpp()
     adapter_dir = Path(adapter_dir)
     target = check_export_target(name)
+    check_gguf_adapter(adapter_dir)
     base_model = base_model or adapter_base_model(adapter_dir)
     base_folder = model_path(base_model, progress)
     original = base_gguf_file(base_model)
@@ -143,7 +177,8 @@ def gguf_sentence(report: dict) -> str:
 
 def _write_and_check(adapter_dir: Path, name: str, base_model: str, base_folder: Path, original: Path | None,
                      staging: Path, work: Path, progress: Callable[[str], None], sample_text: str) -> dict:
-    lora = llamacpp.adapter_to_gguf(adapter_dir, base_folder, staging / f"{name}-f16{LORA_ENDING}", "f16", progress)
+    lora = llamacpp.adapter_to_gguf(plain_lora_folder(adapter_dir, work), base_folder,
+                                    staging / f"{name}-f16{LORA_ENDING}", "f16", progress)
     checked = merge_checked(adapter_dir, base_model, work / "merged", progress, sample_text)
     ids, reference = checked["token_ids"], checked["reference"].numpy()
     hf_effect = reference - checked["base_logits"].numpy()

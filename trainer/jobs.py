@@ -122,7 +122,10 @@ def start_export(adapter_dir: Path, name: str, base_model: str | None = None, to
 
     check_export_target(name)
     if to == "gguf":
+        from .gguf import check_gguf_adapter
+
         require_llama_cpp()
+        check_gguf_adapter(adapter_dir)
     base_model = base_model or adapter_base_model(adapter_dir)
     job_dir = _launch("export", {"title": f"export {name}" + (" (GGUF)" if to == "gguf" else ""),
                                  "adapter_dir": str(Path(adapter_dir).resolve()), "name": name,
