@@ -53,7 +53,7 @@ def save_family_model(model_type: str, tokenizer, folder: Path) -> Path:
 def family_dirs(tmp_path_factory, tokenizer):
     """Every family saved once: model_type -> folder."""
     root = tmp_path_factory.mktemp("families")
-    return {model_type: save_family_model(model_type, tokenizer, root / f"tiny-{model_type}")
+    return {model_type: save_family_model(model_type, tokenizer, root / f"arch-{model_type}")
             for model_type in FAMILIES}
 
 

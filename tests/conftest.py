@@ -20,6 +20,8 @@ def _link_tree(source: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.is_file():
+            if (target / item.name).exists():  # never write through a hard link into the shared model's file
+                (target / item.name).unlink()
             try:
                 os.link(item, target / item.name)
             except OSError:

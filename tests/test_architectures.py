@@ -58,7 +58,7 @@ def load(folder):
 def test_target_module_names_are_the_models_own_and_what_peft_adapts(family_home, family_dirs, model_type):
     from peft import LoraConfig, get_peft_model
 
-    name = f"tiny-{model_type}"
+    name = f"arch-{model_type}"
     model = load(family_dirs[model_type])
     real = {n for n, _ in model.named_modules()}
     for choice in ("q-v", "q-k-v-o", "all-linear"):
@@ -84,15 +84,15 @@ def test_target_module_names_are_the_models_own_and_what_peft_adapts(family_home
 
 
 def test_custom_targets_are_checked_against_the_models_names(family_home):
-    assert target_module_names("tiny-gpt2", "custom", "c_attn, mlp.c_proj") == ["attn.c_attn", "mlp.c_proj"]
+    assert target_module_names("arch-gpt2", "custom", "c_attn, mlp.c_proj") == ["attn.c_attn", "mlp.c_proj"]
     with pytest.raises(DashboardError) as raised:
-        target_module_names("tiny-gpt2", "custom", "q_proj, c_attn")
+        target_module_names("arch-gpt2", "custom", "q_proj, c_attn")
     assert raised.value.field == "custom_target_modules"
     assert "no module named q_proj" in raised.value.message and "c_attn" in raised.value.message
 
 
 def test_the_trainer_refuses_a_custom_name_the_model_lacks(family_home):
-    run_dir = write_run(family_home, "bad-target", base_model="tiny-gpt2", raw_text_file=TEXT, max_steps=1,
+    run_dir = write_run(family_home, "bad-target", base_model="arch-gpt2", raw_text_file=TEXT, max_steps=1,
                         cutoff_len=32, overlap_len=8, warmup_steps=0, target_modules="custom",
                         custom_target_modules="q_proj")
     result = run_trainer(run_dir)
@@ -139,7 +139,7 @@ def test_each_family_previews_trains_reloads_evaluates_and_exports(family_home, 
     from trainer.params import TrainingParameters
     from trainer.perplexity import perplexity_of_file
 
-    name, folder = f"tiny-{model_type}", family_dirs[model_type]
+    name, folder = f"arch-{model_type}", family_dirs[model_type]
     choice = TRAINED_WITH[model_type]
     run = dict(base_model=name, raw_text_file=TEXT, max_steps=3, cutoff_len=32, overlap_len=8,
                learning_rate=2e-2, warmup_steps=0, **({"target_modules": choice} if choice else {}))

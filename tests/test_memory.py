@@ -63,13 +63,13 @@ def test_every_family_is_estimated_from_its_own_layers(family_home, family_dirs,
     from trainer.targets import target_modules_for
 
     model = AutoModelForCausalLM.from_pretrained(family_dirs[model_type])
-    sizes = _config(f"tiny-{model_type}")
+    sizes = _config(f"arch-{model_type}")
     assert (sizes["hidden_size"], sizes["num_hidden_layers"]) == (64, 2)
-    found = estimate(params(base_model=f"tiny-{model_type}", micro_batch_size=1, cutoff_len=64))
+    found = estimate(params(base_model=f"arch-{model_type}", micro_batch_size=1, cutoff_len=64))
     assert found.weights == pytest.approx(4 * model.num_parameters(), rel=0.03)
     assert found.activations > 0
     for choice in ("q-v", "all-linear"):
-        estimated = estimate(params(base_model=f"tiny-{model_type}", target_modules=choice, lora_rank=4))
+        estimated = estimate(params(base_model=f"arch-{model_type}", target_modules=choice, lora_rank=4))
         adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(family_dirs[model_type]), LoraConfig(
             r=4, target_modules=target_modules_for(model, choice), task_type="CAUSAL_LM"))
         trained = sum(p.numel() for p in adapter.parameters() if p.requires_grad)

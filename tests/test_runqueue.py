@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import types
 import time
 from pathlib import Path
 
@@ -138,7 +139,10 @@ def _race(home: str, pid: int, barrier, log: str) -> None:
     runqueue.start_next(start, run_folders(Path(home)))
 
 
-def test_two_processes_that_finish_at_the_same_moment_start_the_next_run_once(home, sleeper, tmp_path):
+def test_two_processes_that_finish_at_the_same_moment_start_the_next_run_once(home, sleeper, tmp_path, monkeypatch):
+    # A page script run by AppTest in an earlier test stays the __main__ module, and a spawned process runs
+    # __main__'s file again: the Train page would then start the queue's first run itself.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     for i in range(5):
         runqueue.add(prepared(home, f"s{i}"), "cpu")
     log = tmp_path / "starts.log"
