@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8501
 
-.PHONY: run test setup test-setup gguf-setup bench clean-venv
+.PHONY: run test setup test-setup gguf-wheel gguf-setup bench clean-venv
 
 $(VENV)/.runtime-installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ $(VENV)/.test-installed: $(VENV)/.runtime-installed requirements-test.txt
 # same source distribution vendors llama.cpp's converters, copied into .venv/llama.cpp/.
 LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_SDIST := llama_cpp_python-$(LLAMA_CPP_PYTHON)
-$(VENV)/.gguf-installed: $(VENV)/.runtime-installed
-	$(PY) -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON) diskcache==5.6.3 sentencepiece==0.2.3
+# The wheel is built without the multimodal library (llava/mtmd), which GGUF export and Try it do not use.
+$(VENV)/llama-wheel/.built: $(VENV)/.runtime-installed
+	rm -rf $(VENV)/llama-wheel && mkdir -p $(VENV)/llama-wheel
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PY) -m pip wheel -q --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+		-w $(VENV)/llama-wheel
+	touch $@
+
+$(VENV)/.gguf-installed: $(VENV)/llama-wheel/.built
+	$(PY) -m pip install -q --find-links $(VENV)/llama-wheel llama-cpp-python==$(LLAMA_CPP_PYTHON) \
+		diskcache==5.6.3 sentencepiece==0.2.3
 	rm -rf $(VENV)/llama.cpp $(VENV)/llama-sdist && mkdir -p $(VENV)/llama.cpp $(VENV)/llama-sdist
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(VENV)/llama-sdist
 	tar -xzf $(VENV)/llama-sdist/$(LLAMA_SDIST).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
@@ -34,6 +42,7 @@ $(VENV)/.gguf-installed: $(VENV)/.runtime-installed
 	rm -rf $(VENV)/llama-sdist
 	touch $@
 
+gguf-wheel: $(VENV)/llama-wheel/.built
 gguf-setup: $(VENV)/.gguf-installed
 setup: $(VENV)/.runtime-installed
 test-setup: $(VENV)/.test-installed
