@@ -187,3 +187,17 @@ def metric(page, label: str, scope=None):
     """The value element of the st.metric named `label` (in `scope`, the whole page by default)."""
     name = page.get_by_test_id("stMetricLabel").filter(has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
     return (scope or page).get_by_test_id("stMetric").filter(has=name).get_by_test_id("stMetricValue")
+
+
+def fill_tiny_run(page, body, name: str, steps: int) -> None:
+    """The Train form for a short run of the tiny model on the demo raw text, up to the micro batch (2); the
+    batch size and what follows are the caller's. Leaves the Optimisation tab open."""
+    set_text(body, "LoRA name", name)
+    choose(page, body, "Base model", "tiny-llama")
+    set_number(body, "Max steps", steps)
+    body.get_by_role("tab", name="Data").click()
+    choose(page, body, "Raw text file or folder", "user-guide.txt")
+    set_number(body, "Cutoff length (tokens)", 64)
+    set_number(body, "Overlap length (tokens)", 16)
+    body.get_by_role("tab", name="Optimisation").click()
+    set_number(body, "Micro batch size", 2)

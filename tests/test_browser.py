@@ -26,8 +26,8 @@ import pytest
 from trainer.runfiles import read_metrics, read_status
 from trainer.checkpoints import list_checkpoints
 
-from .browser_helpers import (CHROMIUM, CHROMIUM_ARGS, SECOND, Album, StreamlitServer, choose, end_processes_of, main,
-                              metric, number_input, set_number, set_text, sidebar_link)
+from .browser_helpers import (CHROMIUM, CHROMIUM_ARGS, SECOND, Album, StreamlitServer, choose, end_processes_of,
+                              fill_tiny_run, main, metric, number_input, set_number, set_text, sidebar_link)
 
 pytestmark = pytest.mark.browser
 
@@ -210,15 +210,7 @@ def test_journey_data_train_evaluate(home, server, browser_page, tokenizer):
     # a fresh form suggests a free name instead of opening on an error
     expect(body.get_by_role("textbox", name="LoRA name", exact=True)).to_have_value("my-lora-1", timeout=WAIT)
     expect(body.get_by_text("The LoRA name is empty.")).to_have_count(0)
-    set_text(body, "LoRA name", RUN)
-    choose(page, body, "Base model", "tiny-llama")
-    set_number(body, "Max steps", MAX_STEPS)
-    body.get_by_role("tab", name="Data").click()
-    choose(page, body, "Raw text file or folder", "user-guide.txt")
-    set_number(body, "Cutoff length (tokens)", 64)
-    set_number(body, "Overlap length (tokens)", 16)
-    body.get_by_role("tab", name="Optimisation").click()
-    set_number(body, "Micro batch size", 2)
+    fill_tiny_run(page, body, RUN, MAX_STEPS)
     # a problem marks its tab, which stays open while its label changes, and the plan's place names it
     set_number(body, "Batch size", 3)
     expect(body.get_by_role("tab", name="Optimisation ⚠ 1", exact=True)).to_have_attribute("aria-selected", "true",

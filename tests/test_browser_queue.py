@@ -12,7 +12,7 @@ import pytest
 
 from trainer.runfiles import read_status
 
-from .browser_helpers import CHROMIUM, SECOND, choose, main, metric, set_number, set_text
+from .browser_helpers import CHROMIUM, SECOND, fill_tiny_run, main, metric, set_number, set_text
 
 pytestmark = pytest.mark.browser
 
@@ -33,15 +33,7 @@ END = 400 * SECOND  # a crowded 2-core machine takes 1-2 s a step of the tiny mo
 
 def fill_the_form(page, body) -> None:
     """A short run of the tiny model on the demo raw text."""
-    set_text(body, "LoRA name", FIRST)
-    choose(page, body, "Base model", "tiny-llama")
-    set_number(body, "Max steps", FIRST_STEPS)
-    body.get_by_role("tab", name="Data").click()
-    choose(page, body, "Raw text file or folder", "user-guide.txt")
-    set_number(body, "Cutoff length (tokens)", 64)
-    set_number(body, "Overlap length (tokens)", 16)
-    body.get_by_role("tab", name="Optimisation").click()
-    set_number(body, "Micro batch size", 2)
+    fill_tiny_run(page, body, FIRST, FIRST_STEPS)
     set_number(body, "Batch size", 2)
     set_number(body, "Warmup steps", 1)
     body.get_by_role("tab", name="Basic").click()

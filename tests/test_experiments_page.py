@@ -16,27 +16,14 @@ from trainer.results import adapter_run_name, append_result, evaluation_key, rea
 from trainer.sweeps import record_experiment
 
 from .evalhelpers import copy_run, make_run, trained_run_source, wait_for
+from .test_evaluate_page import open_page, rerun
 
-PAGE = str(CODE_ROOT / "views" / "evaluate.py")
 NAMES = ["grid-lr1e-4-r8", "grid-lr1e-4-r16", "grid-lr2e-4-r8", "grid-lr2e-4-r16"]
 GENERAL = "general-text.txt"
 # held-out perplexity and general-text perplexity of each run's final adapter (the base model scores 20.0 on
 # the general text): forgetting ratios 1.02, 1.05, 1.5 and 1.08
 SCORES = {"grid-lr1e-4-r8": (9.0, 20.4), "grid-lr1e-4-r16": (8.0, 21.0), "grid-lr2e-4-r8": (5.0, 30.0),
           "grid-lr2e-4-r16": (8.5, 21.6)}
-
-
-def open_page(timeout: float = 60) -> AppTest:
-    at = AppTest.from_file(PAGE, default_timeout=timeout)
-    at.run()
-    assert not at.exception, at.exception
-    return at
-
-
-def rerun(at: AppTest, timeout: float = 60) -> AppTest:
-    at.run(timeout=timeout)
-    assert not at.exception, at.exception
-    return at
 
 
 def experiment_table(at: AppTest):

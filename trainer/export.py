@@ -56,11 +56,12 @@ def adapter_base_model(adapter_dir: Path) -> str:
     return name
 
 
-def default_export_name(adapter_dir: Path) -> str:
+def default_export_name(adapter_dir: Path, ending: str = "merged") -> str:
+    """RUN-ENDING, or RUN-checkpoint-STEP-ENDING for a checkpoint's adapter."""
     adapter_dir = Path(adapter_dir)
     if adapter_dir.name.startswith("checkpoint-"):
-        return f"{adapter_dir.parent.name}-{adapter_dir.name}-merged"
-    return f"{adapter_dir.name}-merged"
+        return f"{adapter_dir.parent.name}-{adapter_dir.name}-{ending}"
+    return f"{adapter_dir.name}-{ending}"
 
 
 def logits(model, input_ids):

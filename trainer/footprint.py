@@ -112,27 +112,21 @@ def free_space(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def target_shapes(shapes: list[tuple[str, int, int]], targets) -> list[tuple[str, int, int]]:
-    """The linear layers LoRA adapts, matched as peft matches: every one but the output head for "all-linear",
-    else those whose name is a target or ends with "." and a target."""
-    if targets == "all-linear":
-        return [s for s in shapes if "lm_head" not in s[0]]
-    return [s for s in shapes if any(s[0] == t or s[0].endswith("." + t) for t in targets)]
-
-
 def adapted_shapes(params) -> list[tuple[str, int, int]]:
     """(name, inputs, outputs) of every layer LoRA adapts, resolved per architecture (trainer/targets.py) from
     the model built on the meta device; for a model transformers cannot build, from config.json's sizes as a
     Llama-like model has them."""
     from .models import model_path
-    from .targets import adapted_layers, model_layers, target_modules_for
+    from .targets import ModelLayers, adapted_layers, model_layers, target_modules_for
 
     try:
         layers = model_layers(params.base_model, params.trust_remote_code)
     except DashboardError:
         folder = model_path(params.base_model, progress=lambda message: None)
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        return target_shapes(config_shapes(config), params.lora_target_modules())
+        shapes = tuple(config_shapes(config))
+        layers = ModelLayers("", shapes, None, frozenset(name for name, _, _ in shapes))
+        return adapted_layers(layers, params.lora_target_modules())
     return adapted_layers(layers, target_modules_for(layers, params.target_modules, params.custom_target_modules))
 
 

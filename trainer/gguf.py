@@ -25,7 +25,7 @@ from typing import Callable
 from . import llamacpp
 from .errors import DashboardError
 from .models import LORA_GGUF_ENDING
-from .export import (SAMPLE_TEXT, adapter_base_model, check_export_target, merge_checked, place_folder)
+from .export import (SAMPLE_TEXT, adapter_base_model, default_export_name, check_export_target, merge_checked, place_folder)
 from .runfiles import now_iso
 from .storage import write_json_atomic, write_text_atomic
 
@@ -39,10 +39,7 @@ MERGED_TYPES = ("f16", "q8_0")  # what convert_hf_to_gguf.py writes itself
 
 
 def default_gguf_name(adapter_dir: Path) -> str:
-    adapter_dir = Path(adapter_dir)
-    if adapter_dir.name.startswith("checkpoint-"):
-        return f"{adapter_dir.parent.name}-{adapter_dir.name}-gguf"
-    return f"{adapter_dir.name}-gguf"
+    return default_export_name(adapter_dir, "gguf")
 
 
 def base_gguf_file(base_model: str) -> Path | None:
@@ -240,7 +237,7 @@ def _chat_template(adapter_dir: Path) -> str | None:
 
 def _write_modelfiles(name: str, staging: Path, chat_base: Path, lora: Path, merged: dict,
                       template: str | None) -> dict:
-    from .ollama import modelfile, ollama_commands
+    from .ollama import modelfile, ollama_commands, template_family
 
     smallest = next((merged[t]["file"] for t in merged if t != "f16" and t != "q8_0"), merged["q8_0"]["file"])
     base = chat_base if chat_base.parent != staging else Path(chat_base.name)
@@ -249,15 +246,10 @@ def _write_modelfiles(name: str, staging: Path, chat_base: Path, lora: Path, mer
     write_text_atomic(staging / "Modelfile.merged", modelfile(Path(smallest), None, template,
                                                               f"{name}: the merged model ({smallest})"))
     folder = staging.parent / name
-    return {"modelfiles": ["Modelfile", "Modelfile.merged"], "chat_template_family": _family(template),
+    return {"modelfiles": ["Modelfile", "Modelfile.merged"], "chat_template_family": template_family(template),
             "commands": ollama_commands(name, folder), "commands_merged": ollama_commands(
                 f"{name}-merged", folder, "Modelfile.merged")}
 
-
-def _family(template: str | None) -> str | None:
-    from .ollama import template_family
-
-    return template_family(template)
 
 
 # ---- finding exports ------------------------------------------------------------------------------------

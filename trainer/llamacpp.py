@@ -23,10 +23,10 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the pinned llama-cpp-python: runtime and vendored
 CONVERTERS_ENV = "LORA_DASHBOARD_LLAMA_CPP"
 SETUP_HINT = (f"GGUF needs llama.cpp: run `make gguf-setup` (builds llama-cpp-python {LLAMA_CPP_PYTHON} from "
               "source, 5-10 minutes on two cores the first time) and restart the app.")
-# llama.cpp's file types by the names its tools use (llama_ftype); f16/f32 are written by the converter.
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
-               "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
-FILE_TYPE_NAMES = {0: "F32", 1: "F16", 32: "BF16", **{number: name for name, number in QUANT_TYPES.items()}}
+# Quantisation types llama_model_quantize writes, by llama.cpp's names (gguf's LlamaFileType: MOSTLY_Q4_1 -> Q4_1);
+# f16/f32 come from the converter itself.
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+               "Q5_K_S", "Q5_K_M", "Q6_K")
 
 
 def converters_dir() -> Path:
@@ -86,10 +86,12 @@ def quantize(source: Path, target: Path, type_name: str) -> Path:
     require_llama_cpp()
     import llama_cpp
 
+    from gguf import LlamaFileType
+
     if type_name not in QUANT_TYPES:
         raise DashboardError(f"llama.cpp cannot write {type_name}; choose one of {', '.join(QUANT_TYPES)}.")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[type_name]
+    params.ftype = int(LlamaFileType[f"MOSTLY_{type_name}"])
     params.nthread = max(1, os.cpu_count() or 1)
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
         raise DashboardError(f"llama.cpp could not quantise {Path(source).name} to {type_name}.")
@@ -98,7 +100,7 @@ def quantize(source: Path, target: Path, type_name: str) -> Path:
 
 def gguf_metadata(path: Path) -> dict:
     """A GGUF file's type ("model" or "adapter"), architecture, file type name and chat template."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader, LlamaFileType
 
     reader = GGUFReader(str(path))
 
@@ -108,8 +110,18 @@ def gguf_metadata(path: Path) -> dict:
 
     file_type = value("general.file_type")
     return {"type": value("general.type") or "model", "architecture": value("general.architecture"),
-            "file_type": FILE_TYPE_NAMES.get(file_type, str(file_type)) if file_type is not None else None,
+            "file_type": _file_type_name(LlamaFileType, file_type),
             "chat_template": value("tokenizer.chat_template")}
+
+
+def _file_type_name(types, number) -> str | None:
+    """"Q4_1" for general.file_type 3 (gguf's LlamaFileType names without MOSTLY_; ALL_F32 is "F32")."""
+    if number is None:
+        return None
+    try:
+        return types(number).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return str(number)
 
 
 # ---- runtime ----------------------------------------------------------------------------------------
