@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoints import full_states, load_checkpoint_state, save_checkpoint
 from .distributed import log, shard_with_fsdp
 from .errors import DashboardError
+from .fusedlora import FusedLora, fuse_lora_layers
 from .loss import causal_lm_loss_sum, plain_output_head
 from .variants import (
     adapter_to_resume, changes_base_weights, initial_adapter_of, lora_config_options, loraplus_optimizer,
@@ -94,6 +95,7 @@ class Trainee:
     scheduler: object
     output_head: object  # None: the loss goes through the model's full logits (trainer/loss.py)
     neftune_hook: object = None  # NEFTune's forward hook on the input embeddings, while training
+    fused_lora: FusedLora | None = None  # which LoRA layers run the fused forward
 
     @classmethod
     def build(cls, params, device: str, checkpoint: Path | None, dist_info, total_steps: int,
@@ -128,7 +130,10 @@ class Trainee:
                                      "DDP or the default initialisation.", field="lora_init")
             model = peft_model = shard_with_fsdp(peft_model)
             trainable = [p for p in model.parameters() if p.requires_grad]
-        elif dist_info.enabled:
+        # Plain LoRA layers computed in fewer passes (trainer/fusedlora.py); FSDP's sharded weights keep peft's.
+        fused_lora = FusedLora() if sharded else fuse_lora_layers(peft_model)
+        log(fused_lora.describe())
+        if dist_info.enabled and not sharded:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[dist_info.local_rank] if device.startswith("cuda") else None)
         optimizer = build_optimizer(params.optimizer, trainable, params.learning_rate, params.weight_decay,
@@ -137,7 +142,7 @@ class Trainee:
                                   num_warmup_steps=warmup_steps_for(params, total_steps),
                                   num_training_steps=total_steps)
         return cls(model, peft_model, trainable, sharded, dist_info.enabled, optimizer, scheduler,
-                   plain_output_head(model), start_neftune(peft_model, params.neftune_noise_alpha))
+                   plain_output_head(model), start_neftune(peft_model, params.neftune_noise_alpha), fused_lora)
 
     def gradient_sync(self, last: bool):
         """A context for one micro-batch's backward pass: gradients are averaged over the processes only
@@ -177,7 +182,10 @@ class Trainee:
         return load_checkpoint_state(checkpoint, self.model, self.optimizer, self.scheduler, self.sharded)
 
     def save_adapter(self, run_dir: Path, adapter_state: dict | None) -> None:
-        """The final adapter (training is over: NEFTune's hook goes first, as transformers' Trainer does)."""
+        """The final adapter (training is over: NEFTune's hook goes first, as transformers' Trainer does, and the
+        layers go back to peft's own forward: the model handed on computes exactly what a reload computes)."""
         stop_neftune(self.peft_model, self.neftune_hook)
         self.neftune_hook = None
+        if self.fused_lora is not None:
+            self.fused_lora.undo()
         save_adapter(self.peft_model, run_dir, run_dir, adapter_state)
