@@ -135,7 +135,9 @@ class TrainingParameters:
                         "lora", 1, 1024)
     lora_alpha: int = _p("LoRA alpha", 64, "LoRA alpha: scale of the adapter. Usually twice the rank.", "lora", 1,
                          4096)
-    lora_dropout: float = _p("LoRA dropout", 0.05, "Dropout on the LoRA layers.", "lora", 0.0, 0.9, fmt="%.2f")
+    lora_dropout: float = _p("LoRA dropout", 0.0, "Dropout on the LoRA layers. 0 (text-generation-webui's default too) "
+                             "trains fastest: sibling layers such as q, k and v then share one LoRA-A product.",
+                             "lora", 0.0, 0.9, fmt="%.2f")
     target_modules: str = _p(
         "Target modules", "all-linear", "Which layers get LoRA: q+v, q+k+v+o, all linear layers or a custom list.", "lora",
         choices=list(TARGET_MODULE_CHOICES))
