@@ -4,7 +4,7 @@ Builds the trainer's own samples, model, adapter and micro-batch (trainer.data, 
 trainer.batching: the same functions the trainer runs), warms up, then profiles a few steps with
 torch.profiler and prints the self time per operator group, the achieved rate of the matrix products
 alone, and the top operators. Defaults: the default model, the demo raw text, cutoff 256, micro batch 4,
-LoRA r=8/alpha=16 on q,k,v,o, packing on (the benchmark's set-up for the 60% goal).
+LoRA r=8/alpha=16, dropout 0 on q,k,v,o with the trainer's fused LoRA forward, packing on (the benchmark's set-up for the 60% goal).
 """
 
 from __future__ import annotations
@@ -44,30 +44,15 @@ def group_of(name: str) -> str:
     return "elementwise / norms / other"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a model name under models/ (default: the default model)")
-    parser.add_argument("--cutoff-len", type=int, default=256)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2, help="profiled steps (after one warm-up step)")
-    parser.add_argument("--no-packing", action="store_true")
-    parser.add_argument("--dataset", choices=["raw", "alpaca"], default="raw",
-                        help="the demo raw text (default) or the demo Alpaca-style set")
-    parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--lora-dropout", type=float, default=0.05,
-                        help="LoRA dropout (default 0.05, the trainer's default; 0 skips peft's dropout masks)")
-    args = parser.parse_args(argv)
-
+def profile_batch(args, **overrides):
+    """The parameters of `args` (with `overrides`) and one typical micro-batch of the trainer's own samples."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from trainer import batching
     from trainer.data import build_samples
     from trainer.home import HOME_ENV
-    from trainer.models import load_model, load_tokenizer
+    from trainer.models import load_tokenizer
     from trainer.params import DEFAULT_MODEL, TrainingParameters
-    from trainer.lora import build_optimizer, build_peft_model
-    from trainer.loss import causal_lm_loss_sum
     from trainer.train import keep_freed_memory_for_reuse
 
     os.environ.pop(HOME_ENV, None)
@@ -78,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "overlap_len": min(128, args.cutoff_len // 2), "micro_batch_size": args.micro_batch_size,
         "batch_size": args.micro_batch_size, "lora_rank": 8, "lora_alpha": 16, "target_modules": "q-k-v-o",
         "lora_dropout": args.lora_dropout,
-        "packing": not args.no_packing, "seed": 0})
+        "packing": not args.no_packing, "seed": 0, **overrides})
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))  # as the trainer does
     keep_freed_memory_for_reuse()
     torch.manual_seed(0)
@@ -93,7 +78,38 @@ def main(argv: list[str] | None = None) -> int:
     at = 0 if params.packing else max(0, len(order) // 2 - args.micro_batch_size // 2)
     micro = order[at:at + args.micro_batch_size]
     batch = batching.collate([[samples[i] for i in units[u]] for u in micro], tokenizer.pad_token_id, "cpu")
+    return params, batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a model name under models/ (default: the default model)")
+    parser.add_argument("--cutoff-len", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps (after one warm-up step)")
+    parser.add_argument("--no-packing", action="store_true")
+    parser.add_argument("--dataset", choices=["raw", "alpaca"], default="raw",
+                        help="the demo raw text (default) or the demo Alpaca-style set")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="LoRA dropout (default 0, the trainer's default; 0.05 draws peft's dropout masks)")
+    parser.add_argument("--peft-forward", action="store_true",
+                        help="peft's own LoRA forward instead of the trainer's fused one (trainer/fusedlora.py)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer import batching
+    from trainer.fusedlora import fuse_lora_layers
+    from trainer.lora import build_optimizer, build_peft_model
+    from trainer.loss import causal_lm_loss_sum
+    from trainer.models import load_model
+
+    params, batch = profile_batch(args)
     model = build_peft_model(params, load_model(params.base_model, "full", "cpu"), None)
+    if not args.peft_forward:
+        print(fuse_lora_layers(model).describe())  # as the trainer runs its layers (trainer/lora.py)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer("adamw_torch", trainable, 3e-4, 0.0)

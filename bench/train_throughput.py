@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cutoff-len", type=int, default=None, help="default 256 (--quick 128)")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="LoRA dropout of every pipeline (default 0, the trainer's default; 0.05 was the default "
+                             "before: the trainer's q/k/v then cannot share one LoRA-A product)")
     parser.add_argument("--packing", choices=["on", "off", "both"], default="both",
                         help="(c) with packing off (the trainer's default), on, or both")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed per pipeline")
@@ -522,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "base_model": model_name, "cutoff_len": cutoff, "overlap_len": min(128, cutoff // 2),
             "micro_batch_size": args.micro_batch_size, "batch_size": args.micro_batch_size, "epochs": 1,
             "learning_rate": 3e-4, "lr_scheduler_type": "linear", "warmup_steps": 2, "optimizer": "adamw_torch",
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+            "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": args.lora_dropout,
             "target_modules": "q-k-v-o", "seed": args.seed, "group_by_length": True, "logging_steps": 1,
             "save_steps": 0, "precision": "full", "gradient_checkpointing": False,
         }
@@ -551,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{machine['torch_threads']} threads, transformers {machine['transformers']}, peft {machine['peft']}; "
               f"load average {os.getloadavg()[0]:.2f}")
         print(f"Model: {model_name}, {dims['params'] / 1e6:.1f}M parameters ({dims['linear_params'] / 1e6:.1f}M in "
-              f"Linear layers incl. lm_head), {dims['layers']} layers; LoRA r=8 alpha=16 dropout 0.05 on q,k,v,o "
+              f"Linear layers incl. lm_head), {dims['layers']} layers; LoRA r=8 alpha=16 dropout {args.lora_dropout:g} on q,k,v,o "
               f"({dims['lora_params']:,} adapter weights); AdamW lr 3e-4 linear, warm-up 2, clip 1.0, seed {args.seed}; "
               f"micro batch = batch = {args.micro_batch_size}, cutoff {cutoff}, float32, one epoch.")
         print(f"float32 matmul ({size}x{size} @ {size}x{size}, best of {repeats}): {rates[0] / 1e9:.1f} GFLOP/s; "
