@@ -1,8 +1,8 @@
-"""What LoRA dropout and the shared LoRA-A product cost or save per training step: `python bench/lora_ab.py`.
+"""What LoRA dropout and the trainer's fused LoRA forward cost or save per training step: `python bench/lora_ab.py`.
 
 Times full training steps (forward with the trainer's loss, backward, clipping, AdamW) of one typical
-micro-batch of the trainer's own samples (bench/profile_step.py's set-up) for three adapters of the same base
-model, in interleaved rounds so that a slower spell of a shared host falls on all of them alike:
+micro-batch of the trainer's own samples (bench/profile_step.py's set-up) in four configurations (two adapters of
+the same base model, each run through peft's forward and the fused one), in interleaved rounds so that a slower spell of a shared host falls on all of them alike:
 
 - `dropout 0.05, peft` and `dropout 0.05, fused`: LoRA dropout as before, peft's own layers, then with B's
   product added into the base output (trainer/fusedlora.py);
@@ -10,7 +10,8 @@ model, in interleaved rounds so that a slower spell of a shared host falls on al
   gate/up) also share one LoRA-A product.
 
 It first checks that the fused layers give peft's loss and gradients, then prints each
-configuration's median step time with its spread and the ratios, median (min-max) of the rounds.
+configuration's median step time with its spread and the ratios, median (min-max) of the rounds; then times
+one decoder block alone without LoRA, with peft's and with the fused layers (`--block-rounds`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,54 @@ if str(ROOT) not in sys.path:
 from bench.profile_step import profile_batch  # noqa: E402
 
 
+def one_block(model, batch, rounds: int, repeats: int = 20) -> None:
+    """Forward and backward of the first decoder block alone on the batch's shape (a Llama-shaped model): without
+    LoRA (peft's adapters disabled), with peft's LoRA layers, with the fused ones. Far less noise than whole steps,
+    and it shows how much of a block LoRA costs at all, the most that fusing its layers could take back."""
+    import torch
+
+    from trainer.fusedlora import fuse_lora_layers
+
+    base = model.get_base_model()
+    if not hasattr(base, "model") or not hasattr(base.model, "rotary_emb"):
+        print("(the one-block timing needs a Llama-shaped model)")
+        return
+    block = base.model.layers[0]
+    torch.manual_seed(0)
+    x = torch.randn(*batch["input_ids"].shape, base.config.hidden_size, requires_grad=True)
+    position_embeddings = base.model.rotary_emb(x, torch.arange(x.shape[1]).unsqueeze(0))
+
+    def timed() -> float:
+        def once():
+            out = block(x, position_embeddings=position_embeddings)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+        for _ in range(3):
+            once()
+        started = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        return (time.perf_counter() - started) / repeats
+
+    times = {"no LoRA": [], "peft": [], "fused": []}
+    for _ in range(rounds):
+        with model.disable_adapter():
+            times["no LoRA"].append(timed())
+        times["peft"].append(timed())
+        fused = fuse_lora_layers(model)
+        times["fused"].append(timed())
+        fused.undo()
+    print(f"\nOne decoder block, forward + backward, {tuple(x.shape)}, {rounds} rounds of {repeats}:")
+    for name, values in times.items():
+        print(f"  {name:<8} median {1e3 * statistics.median(values):.1f} ms (min {1e3 * min(values):.1f}, "
+              f"max {1e3 * max(values):.1f})")
+    lora_cost = [p / n for p, n in zip(times["peft"], times["no LoRA"])]
+    gain = [p / f for p, f in zip(times["peft"], times["fused"])]
+    print(f"  peft's LoRA costs the block {statistics.median(lora_cost):.3f}x its time without LoRA "
+          f"(min {min(lora_cost):.3f}, max {max(lora_cost):.3f}); fused over peft "
+          f"{statistics.median(gain):.3f}x (min {min(gain):.3f}, max {max(gain):.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a model name under models/ (default: the default model)")
@@ -39,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration and round")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="the dropout of the first configuration")
+    parser.add_argument("--block-rounds", type=int, default=5,
+                        help="rounds of timing one decoder block alone (0: none), after the steps")
     args = parser.parse_args(argv)
 
     import torch
@@ -115,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(timed_steps(setup, fuse))
         print(f"round {round_index + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
 
+    if args.block_rounds:
+        one_block(without[0], batch, args.block_rounds)
     n_rows, n_positions = batch["input_ids"].shape
     print(f"\nModel {params.base_model}, targets {args.target_modules}; micro-batch {n_rows} x {n_positions}, "
           f"{batch['real_tokens']} real tokens; {args.rounds} rounds of {args.steps} steps")
