@@ -2,7 +2,8 @@
 
 Times full training steps (forward with the trainer's loss, backward, clipping, AdamW) of one typical
 micro-batch of the trainer's own samples (bench/profile_step.py's set-up) in four configurations (two adapters of
-the same base model, each run through peft's forward and the fused one), in interleaved rounds so that a slower spell of a shared host falls on all of them alike:
+the same base model, each run through peft's forward and the fused one), in interleaved rounds so that a slower
+spell of a shared host falls on all of them alike:
 
 - `dropout 0.05, peft` and `dropout 0.05, fused`: LoRA dropout as before, peft's own layers, then with B's
   product added into the base output (trainer/fusedlora.py);
