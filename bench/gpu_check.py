@@ -13,9 +13,9 @@ It measures useful (non-padding) tokens per second and peak VRAM (`torch.cuda.ma
 The model is Llama-3.2-1B-shaped (hidden 2048, 16 layers, 32 heads, 8 key-value heads, MLP 8192, vocabulary
 128,256, tied embeddings: 1.24B parameters) built from a config with random weights: weights do not change
 the speed, and nothing is downloaded. The samples are Alpaca-style rows (prompt masked out of the loss) with
-lengths spread log-uniformly up to the cutoff. LoRA r 8, alpha 16, dropout 0 (the trainer's default) on q, k, v, o; AdamW; no
-gradient checkpointing; micro batch = batch = --micro-batch-tokens / cutoff. Each pipeline and weight type
-runs in a process of its own (the configurations one after another, the peak reset between them).
+lengths spread log-uniformly up to the cutoff. LoRA r 8, alpha 16, dropout 0 (the trainer's default) on q, k,
+v, o; AdamW; no gradient checkpointing; micro batch = batch = --micro-batch-tokens / cutoff. Each pipeline and
+weight type runs in a process of its own (the configurations one after another, the peak reset between them).
 Useful tokens/s counts the steps after the first (CUDA warm-up is not training speed).
 
 Requirements on the GPU machine: Python with torch (CUDA build), transformers, peft and accelerate, and a

@@ -4,7 +4,8 @@ Builds the trainer's own samples, model, adapter and micro-batch (trainer.data, 
 trainer.batching: the same functions the trainer runs), warms up, then profiles a few steps with
 torch.profiler and prints the self time per operator group, the achieved rate of the matrix products
 alone, and the top operators. Defaults: the default model, the demo raw text, cutoff 256, micro batch 4,
-LoRA r=8/alpha=16, dropout 0 on q,k,v,o with the trainer's fused LoRA forward, packing on (the benchmark's set-up for the 60% goal).
+LoRA r=8/alpha=16, dropout 0 on q,k,v,o with the trainer's fused LoRA forward, packing on (the benchmark's
+set-up for the 60% goal).
 """
 
 from __future__ import annotations

@@ -525,9 +525,9 @@ def main(argv: list[str] | None = None) -> int:
             "base_model": model_name, "cutoff_len": cutoff, "overlap_len": min(128, cutoff // 2),
             "micro_batch_size": args.micro_batch_size, "batch_size": args.micro_batch_size, "epochs": 1,
             "learning_rate": 3e-4, "lr_scheduler_type": "linear", "warmup_steps": 2, "optimizer": "adamw_torch",
-            "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": args.lora_dropout,
-            "target_modules": "q-k-v-o", "seed": args.seed, "group_by_length": True, "logging_steps": 1,
-            "save_steps": 0, "precision": "full", "gradient_checkpointing": False,
+            "weight_decay": 0.0, "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16,
+            "lora_dropout": args.lora_dropout, "target_modules": "q-k-v-o", "seed": args.seed, "group_by_length": True,
+            "logging_steps": 1, "save_steps": 0, "precision": "full", "gradient_checkpointing": False,
         }
         has_packing = "packing" in TrainingParameters.__dataclass_fields__
         # (c) is the trainer as a user runs it (packing off, its default, unless --packing on); with
@@ -554,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{machine['torch_threads']} threads, transformers {machine['transformers']}, peft {machine['peft']}; "
               f"load average {os.getloadavg()[0]:.2f}")
         print(f"Model: {model_name}, {dims['params'] / 1e6:.1f}M parameters ({dims['linear_params'] / 1e6:.1f}M in "
-              f"Linear layers incl. lm_head), {dims['layers']} layers; LoRA r=8 alpha=16 dropout {args.lora_dropout:g} on q,k,v,o "
+              f"Linear layers incl. lm_head), {dims['layers']} layers; LoRA r=8 alpha=16 "
+              f"dropout {args.lora_dropout:g} on q,k,v,o "
               f"({dims['lora_params']:,} adapter weights); AdamW lr 3e-4 linear, warm-up 2, clip 1.0, seed {args.seed}; "
               f"micro batch = batch = {args.micro_batch_size}, cutoff {cutoff}, float32, one epoch.")
         print(f"float32 matmul ({size}x{size} @ {size}x{size}, best of {repeats}): {rates[0] / 1e9:.1f} GFLOP/s; "

@@ -98,7 +98,7 @@ def _fused_forward(layer, x, *args, **kwargs):
     """peft's LoRA Linear forward with B's product added into the base output; peft's own where it differs."""
     adapters = layer.active_adapters
     if args or kwargs or layer.disable_adapters or layer.merged or len(adapters) != 1 \
-            or adapters[0] not in layer.fused_adapters or x.dtype != layer.base_layer.weight.dtype:
+            or adapters[0] != layer.fused_adapter or x.dtype != layer.base_layer.weight.dtype:
         return type(layer).forward(layer, x, *args, **kwargs)
     adapter = adapters[0]
     h = layer.lora_A[adapter](layer.lora_dropout[adapter](x))
@@ -137,7 +137,7 @@ class FusedLora:
                 lora_a.__dict__.pop("forward", None)
         for layer in self.layers:
             layer.__dict__.pop("forward", None)
-            layer.__dict__.pop("fused_adapters", None)
+            layer.__dict__.pop("fused_adapter", None)
         self.layers, self.groups = [], []
 
 
@@ -149,14 +149,14 @@ def fuse_lora_layers(peft_model, adapter: str = "default") -> FusedLora:
     fused = FusedLora()
     for layer in peft_model.modules():
         if hasattr(layer, "lora_A") and _plain_lora(layer, adapter):
-            layer.fused_adapters = frozenset((adapter,))
+            layer.fused_adapter = adapter
             layer.forward = types.MethodType(_fused_forward, layer)
             fused.layers.append(layer)
     for parent in peft_model.modules():
         children = dict(parent.named_children())
         for siblings in SHARED_INPUT_SIBLINGS:
             members = [children[name] for name in sorted(siblings & children.keys())
-                       if getattr(children[name], "fused_adapters", None)
+                       if getattr(children[name], "fused_adapter", None) == adapter
                        and isinstance(children[name].lora_dropout[adapter], torch.nn.Identity)]
             lora_as = [m.lora_A[adapter] for m in members]
             if len(lora_as) < 2 or len({(a.in_features, a.weight.dtype, a.weight.device) for a in lora_as}) != 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoints import full_states, load_checkpoint_state, save_checkpoint
@@ -95,7 +95,7 @@ class Trainee:
     scheduler: object
     output_head: object  # None: the loss goes through the model's full logits (trainer/loss.py)
     neftune_hook: object = None  # NEFTune's forward hook on the input embeddings, while training
-    fused_lora: FusedLora | None = None  # which LoRA layers run the fused forward
+    fused_lora: FusedLora = field(default_factory=FusedLora)  # which LoRA layers run the fused forward
 
     @classmethod
     def build(cls, params, device: str, checkpoint: Path | None, dist_info, total_steps: int,
@@ -186,6 +186,5 @@ class Trainee:
         layers go back to peft's own forward: the model handed on computes exactly what a reload computes)."""
         stop_neftune(self.peft_model, self.neftune_hook)
         self.neftune_hook = None
-        if self.fused_lora is not None:
-            self.fused_lora.undo()
+        self.fused_lora.undo()
         save_adapter(self.peft_model, run_dir, run_dir, adapter_state)
